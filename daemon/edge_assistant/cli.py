@@ -1,0 +1,165 @@
+"""Command line: ``edge-assistant detect | models | generate | run | ask``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import app
+from .config import Config, config_path_from_env, load_config
+from .errors import EdgeError
+from .models import MIB
+from .pipeline import Request
+
+log = logging.getLogger(__name__)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = Path(args.config) if args.config else config_path_from_env()
+    extra: dict[str, Any] = {}
+    if getattr(args, "model_dir", None):
+        extra["model"] = {"dir": args.model_dir}
+    if getattr(args, "profile", None):
+        extra["profile"] = {"name": args.profile}
+    return load_config(path, extra)
+
+
+def _gib(n: int | None) -> str:
+    return "unlimited" if n is None else f"{n / 1024 / MIB:.1f} GiB"
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    config = _config(args)
+    hw, settings = app.plan_settings(config, Path(args.root), voice=args.voice)
+    if args.json:
+        print(json.dumps({"hardware": asdict(hw) | {"usable_cpus": hw.usable_cpus, "big_cpus": hw.big_cpus},
+                          "settings": asdict(settings)}, indent=2, default=str))
+        return 0
+    print("Hardware")
+    print(f"  board:        {hw.board or 'unknown'}")
+    print(f"  arch:         {hw.arch}   cpu: {hw.cpu_model or (hw.cpus[0].part if hw.cpus else '?')}")
+    print(f"  features:     {' '.join(sorted(hw.features)) or 'none of note'}")
+    big = f", big cores {list(hw.big_cpus)}" if hw.heterogeneous else ""
+    print(f"  cpus:         {len(hw.cpus)} logical, {hw.physical_cores} physical{big}")
+    print(f"  affinity:     {list(hw.affinity)}   cgroup quota: "
+          f"{'none' if hw.cpu_quota is None else f'{hw.cpu_quota:g} CPUs'}   usable: {hw.usable_cpus}")
+    print(f"  memory:       {_gib(hw.mem_total)} total, {_gib(hw.mem_available)} available, "
+          f"cgroup limit {_gib(hw.mem_cgroup_limit)}")
+    print(f"  cuda:         {'yes' if hw.cuda else 'no'} ({hw.cuda_reason})")
+    if hw.jetson:
+        print(f"  jetson:       {hw.jetson}")
+    for t in hw.thermal:
+        print(f"  thermal:      {t.zone} {t.celsius:.1f} C")
+    print(f"\nProfile: {settings.profile}")
+    for key in ("n_threads", "n_threads_batch", "n_ctx", "n_batch", "n_ubatch", "n_gpu_layers", "use_mmap",
+                "use_mlock", "memory_share", "quant_order"):
+        print(f"  {key:<16} {settings.reasons[key]}")
+    print(f"  why:             {settings.reasons['profile']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from .models import scan
+
+    directory = config.model.directory()
+    infos, bad = scan(directory)
+    if args.json:
+        try:
+            plan = app.plan(config)
+            chosen: dict[str, Any] = {"file": plan.choice.info.path.name, "n_ctx": plan.choice.n_ctx,
+                                      "reasons": plan.choice.reasons, "rejected": plan.choice.rejected}
+        except EdgeError as exc:
+            chosen = {"error": {"code": exc.code, "message": exc.message}}
+        print(json.dumps({"dir": str(directory), "models": [asdict(i) for i in infos], "unreadable": bad,
+                          "choice": chosen}, indent=2, default=str))
+        return 0
+    print(f"Models in {directory}")
+    for i in infos:
+        print(f"  {i.path.name:<44} {i.quantization:<8} {i.size / MIB:7.1f} MiB  {i.architecture} "
+              f"{i.parameters / 1e6:.0f}M params, trained ctx {i.context_length}, "
+              f"{'chat template' if i.chat_template else 'no chat template'}")
+    for line in bad:
+        print(f"  unreadable: {line}")
+    plan = app.plan(config)
+    print(f"\nChoice (profile {plan.settings.profile}): {plan.choice.info.path.name}, n_ctx {plan.choice.n_ctx}")
+    for r in plan.choice.reasons:
+        print(f"  - {r}")
+    for r in plan.choice.rejected:
+        print(f"  passed over: {r}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    plan = app.plan(config)
+    _engine, pipeline = app.load(config, plan)
+    streamed = not args.json
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    reply = pipeline.handle(Request(text=args.text, persona=args.persona or "", max_tokens=args.max_tokens,
+                                    temperature=args.temperature), on_text=show if streamed else None)
+    if args.json:
+        print(json.dumps(reply.to_dict(), ensure_ascii=False, indent=2))
+    else:
+        sys.stdout.write("\n")
+        if reply.error is not None:
+            print(f"edge-assistant: {reply.error.code}: {reply.error.message}", file=sys.stderr)
+    return 0 if reply.status == "ok" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-assistant", description=__doc__)
+    parser.add_argument("--config", help="config file (default: $EDGE_ASSISTANT_CONFIG or "
+                                         "/etc/edge-assistant/config.toml)")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("detect", help="show the hardware, the matched profile and every setting with its reason")
+    p.add_argument("--root", default="/", help="root directory to read (a recorded device tree)")
+    p.add_argument("--profile", help="force a profile by name")
+    p.add_argument("--voice", action="store_true", help="plan as if voice were on (reserves a CPU)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("models", help="list model files, the choice and why")
+    p.add_argument("--model-dir")
+    p.add_argument("--profile", help="force a profile by name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="answer one question locally, no broker needed")
+    p.add_argument("text")
+    p.add_argument("--persona")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--model-dir")
+    p.add_argument("--profile", help="force a profile by name")
+    p.add_argument("--json", action="store_true", help="print the whole reply as JSON (with provenance)")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except EdgeError as exc:
+        print(f"edge-assistant: {exc.code}: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

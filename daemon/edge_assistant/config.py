@@ -1,0 +1,265 @@
+"""The daemon's configuration: TOML read with ``tomllib`` into validated frozen dataclasses.
+
+The bundled ``defaults.toml`` (two example personas, safe limits) is merged with the user's file, table by
+table, so a user file states only what it changes. Every error names the key, e.g.
+``personas.factory.sampling.temperature: expected a number, got a string``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .profiles import ProfileOverrides
+from .tomlconf import build, digest, load_toml, merge
+
+DEFAULTS = Path(__file__).with_name("defaults.toml")
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Example:
+    """One few-shot exchange shown to the model before the user's text."""
+
+    user: str
+    """What the user says."""
+    assistant: str
+    """What the assistant answers."""
+
+
+@dataclass(frozen=True)
+class SamplingPreset:
+    """A persona's decoding settings; temperature 0 is greedy decoding."""
+
+    temperature: float = 0.0
+    """0 = greedy. Requests may ask for more, up to ``limits.temperature_ceiling``."""
+    top_k: int = 40
+    """Top-k cut (unused when greedy)."""
+    top_p: float = 0.95
+    """Nucleus cut (unused when greedy)."""
+    min_p: float = 0.05
+    """Min-p cut (unused when greedy)."""
+    repeat_penalty: float = 1.0
+    """1.0 = off."""
+    max_tokens: int = 200
+    """Default answer length bound; requests may ask for less or more, up to ``limits.max_tokens_ceiling``."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature: must be 0 or more")
+        if self.top_k < 0:
+            raise ValueError("top_k: must be 0 or more")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p: must be in (0, 1]")
+        if not 0 <= self.min_p < 1:
+            raise ValueError("min_p: must be in [0, 1)")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens: must be 1 or more")
+
+
+@dataclass(frozen=True)
+class PersonaConfig:
+    """A persona: a system prompt, few-shot examples and a sampling preset (like an Ollama Modelfile)."""
+
+    system_prompt: str
+    """The system message. User text never joins it."""
+    description: str = ""
+    """One line for people and for Home Assistant."""
+    mode: Literal["chat", "translate"] = "chat"
+    """``translate`` quotes the user's text as data to translate; it is never followed as instructions."""
+    source_language: str = "en"
+    """Language of the user's text (speech recognition model, translation source)."""
+    target_language: str = "en"
+    """Language of the answer (speech synthesis voice, translation target)."""
+    examples: tuple[Example, ...] = ()
+    """Few-shot examples, in order."""
+    seed: int = 1234
+    """Fixed seed set before every request; 0 and 0xFFFFFFFF are rejected (llama.cpp reads both as random)."""
+    sampling: SamplingPreset = field(default_factory=SamplingPreset)
+    """Decoding settings."""
+    max_input_chars: int = 1000
+    """Longer user text is refused before it reaches the model."""
+
+    def __post_init__(self) -> None:
+        if not self.system_prompt.strip():
+            raise ValueError("system_prompt: must not be empty")
+        if not 1 <= self.seed < LLAMA_DEFAULT_SEED:
+            raise ValueError(f"seed: {self.seed} is not usable (1..4294967294; 0 and 4294967295 mean random)")
+        if self.max_input_chars < 1:
+            raise ValueError("max_input_chars: must be 1 or more")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the model comes from."""
+
+    dir: str = ""
+    """Directory of GGUF files; empty: ``$EDGE_ASSISTANT_MODEL_DIR``, ``$STATE_DIRECTORY/models``, ``./models``."""
+    file: str = ""
+    """Use this file (in ``dir`` or absolute) instead of choosing by profile."""
+    sha256: str = ""
+    """Expected SHA-256 of the chosen file; empty: a ``<file>.sha256`` sidecar if present."""
+    min_ctx: int = 256
+    """Smallest context model choice may shrink to before giving up."""
+
+    def __post_init__(self) -> None:
+        if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in self.sha256)):
+            raise ValueError("sha256: must be 64 hexadecimal digits")
+        if self.min_ctx < 16:
+            raise ValueError("min_ctx: must be 16 or more")
+
+    def directory(self) -> Path:
+        """The model directory after defaults."""
+        if self.dir:
+            return Path(self.dir).expanduser()
+        if os.environ.get("EDGE_ASSISTANT_MODEL_DIR"):
+            return Path(os.environ["EDGE_ASSISTANT_MODEL_DIR"])
+        if os.environ.get("STATE_DIRECTORY"):
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "models"
+        return Path(__file__).resolve().parents[2] / "models"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a request may ask for."""
+
+    temperature_ceiling: float = 0.3
+    """Any requested temperature is clamped to this."""
+    max_tokens_ceiling: int = 512
+    """Any requested ``max_tokens`` is clamped to this."""
+    request_timeout_s: float = 120.0
+    """A generation running longer is cancelled and answered with ``timeout``."""
+    queue_size: int = 16
+    """Requests waiting beyond this are answered ``busy``."""
+    max_payload_bytes: int = 16384
+    """Larger MQTT payloads are refused before parsing."""
+
+    def __post_init__(self) -> None:
+        if self.temperature_ceiling < 0:
+            raise ValueError("temperature_ceiling: must be 0 or more")
+        if self.max_tokens_ceiling < 1 or self.queue_size < 1 or self.max_payload_bytes < 64:
+            raise ValueError("max_tokens_ceiling, queue_size: must be 1 or more; max_payload_bytes: 64 or more")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s: must be more than 0")
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """The broker connection and topics."""
+
+    enabled: bool = True
+    """Serve over MQTT."""
+    host: str = "127.0.0.1"
+    """Broker host."""
+    port: int = 1883
+    """Broker port."""
+    client_id: str = ""
+    """Client id; empty: ``edge-assistant-<device_id>``."""
+    username: str = ""
+    """User name, if the broker wants one."""
+    password_file: str = ""
+    """File holding the password (first line); preferred over the environment."""
+    password_env: str = ""
+    """Environment variable holding the password."""
+    tls: bool = False
+    """Connect with TLS."""
+    ca_file: str = ""
+    """CA bundle for TLS; empty: the system's."""
+    cert_file: str = ""
+    """Client certificate for TLS."""
+    key_file: str = ""
+    """Client key for TLS."""
+    keepalive: int = 30
+    """Keepalive in seconds."""
+    session_expiry_s: int = 3600
+    """Session expiry: requests published while the daemon is away this long are still delivered."""
+    prefix: str = "edge"
+    """Topic prefix: requests arrive on ``<prefix>/<device>/request[/<persona>]``."""
+    response_prefix: str = ""
+    """Response topics must start with this; empty: ``<prefix>/``."""
+    shared_group: str = ""
+    """If set, subscribe to ``$share/<group>/<prefix>/fleet/request/#`` too, so a fleet serves one topic."""
+    health_interval_s: float = 30.0
+    """Seconds between health messages."""
+    discovery: bool = True
+    """Publish Home Assistant device discovery."""
+    discovery_prefix: str = "homeassistant"
+    """Home Assistant's discovery prefix."""
+    max_reply_bytes: int = 65536
+    """Replies are cut to stay below this (and below the broker's maximum packet size)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+        for name in ("prefix", "response_prefix", "shared_group", "discovery_prefix"):
+            value = getattr(self, name)
+            if any(c in value for c in "#+\x00"):
+                raise ValueError(f"{name}: must not contain '#', '+' or NUL")
+        if not self.prefix:
+            raise ValueError("prefix: must not be empty")
+        if self.keepalive < 5 or self.health_interval_s <= 0 or self.max_reply_bytes < 1024:
+            raise ValueError("keepalive: 5 or more; health_interval_s: more than 0; max_reply_bytes: 1024 or more")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    personas: dict[str, PersonaConfig]
+    """Persona name to persona."""
+    default_persona: str = "factory"
+    """The persona used when a request names none."""
+    device_id: str = ""
+    """This device's id in topics and discovery; empty: the host name."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model location and checks."""
+    profile: ProfileOverrides = field(default_factory=ProfileOverrides)
+    """Profile choice and setting overrides."""
+    limits: Limits = field(default_factory=Limits)
+    """Request bounds."""
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    """Broker and topics."""
+
+    def __post_init__(self) -> None:
+        if not self.personas:
+            raise ValueError("personas: at least one persona is needed")
+        if self.default_persona not in self.personas:
+            raise ValueError(f"default_persona: {self.default_persona!r} is not among the personas "
+                             f"({', '.join(self.personas)})")
+        for name in self.personas:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"personas.{name}: persona names are letters, digits, '-' and '_'")
+        if self.device_id and not self.device_id.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("device_id: letters, digits, '-' and '_' only (it is a topic level)")
+
+    @property
+    def device(self) -> str:
+        """The device id after defaults."""
+        return self.device_id or "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the effective configuration, for provenance."""
+        return digest(self)
+
+
+def load_config(path: Path | None = None, extra: dict[str, Any] | None = None) -> Config:
+    """Bundled defaults, merged with ``path`` (if given) and ``extra`` (for tests and CLI flags)."""
+    data = load_toml(DEFAULTS)
+    if path is not None:
+        data = merge(data, load_toml(path))
+    if extra:
+        data = merge(data, extra)
+    where = f"{path}: " if path is not None else ""
+    return build(Config, data, where)
+
+
+def config_path_from_env() -> Path | None:
+    """``$EDGE_ASSISTANT_CONFIG``, or ``/etc/edge-assistant/config.toml`` if it exists."""
+    if os.environ.get("EDGE_ASSISTANT_CONFIG"):
+        return Path(os.environ["EDGE_ASSISTANT_CONFIG"])
+    default = Path("/etc/edge-assistant/config.toml")
+    return default if default.is_file() else None

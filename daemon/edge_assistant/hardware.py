@@ -1,0 +1,333 @@
+"""Hardware detection as a pure function of a root directory.
+
+``detect(Path("/"))`` reads the live machine; tests pass a directory holding recorded ``proc/``, ``sys/`` and
+``etc/`` trees of real devices. Nothing here calls the kernel directly, so a recorded tree and the live machine
+go through the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ARM_FEATURES = ("asimd", "asimddp", "asimdhp", "i8mm", "sve", "sve2", "bf16")
+X86_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avx_vnni", "amx_int8")
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """One logical CPU."""
+
+    index: int
+    """The kernel's CPU number."""
+    core: tuple[int, int]
+    """(package, core) pair: logical CPUs with the same pair are SMT siblings."""
+    capacity: int | None
+    """``cpu_capacity`` from sysfs (1024 = the fastest core), when the kernel reports it."""
+    max_khz: int | None
+    """``cpufreq/cpuinfo_max_freq`` in kHz, when present."""
+    part: str
+    """The ARM ``CPU part`` id (e.g. ``0xd0b`` for Cortex-A76) or the x86 model name."""
+
+
+@dataclass(frozen=True)
+class Thermal:
+    """One thermal zone reading."""
+
+    zone: str
+    """The zone's ``type`` (e.g. ``cpu-thermal``)."""
+    celsius: float
+    """The temperature when read."""
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    """What the machine is, as read from its root directory."""
+
+    arch: str
+    """``aarch64``, ``x86_64``, ``armv7l`` or ``unknown``."""
+    board: str
+    """Device-tree model (e.g. ``Raspberry Pi 5 Model B Rev 1.0``), or the DMI product name, or ``""``."""
+    compatible: tuple[str, ...]
+    """Device-tree ``compatible`` strings, most specific first."""
+    cpu_model: str
+    """The CPU's model name, when the kernel gives one."""
+    features: frozenset[str]
+    """CPU feature flags that matter for llama.cpp kernels (a subset of ``/proc/cpuinfo``'s list)."""
+    cpus: tuple[Cpu, ...]
+    """Every logical CPU the kernel lists."""
+    affinity: tuple[int, ...]
+    """CPUs this process may run on (``Cpus_allowed_list``); all CPUs if unknown."""
+    cpu_quota: float | None
+    """The cgroup v2 CPU quota in CPUs (``cpu.max``), the tightest along the cgroup path; None if unlimited."""
+    mem_total: int
+    """Physical memory in bytes."""
+    mem_available: int
+    """``MemAvailable`` in bytes when read."""
+    mem_cgroup_limit: int | None
+    """The cgroup v2 ``memory.max`` in bytes, the tightest along the path; None if unlimited."""
+    jetson: str
+    """The Jetson Linux release line (``# R36 (release), REVISION: 4.3 ...``) or ``""``."""
+    cuda: bool
+    """Whether a CUDA-capable GPU is present (Jetson, or an NVIDIA driver)."""
+    cuda_reason: str
+    """What showed the CUDA device, or why none was found."""
+    thermal: tuple[Thermal, ...] = field(default=())
+    """Thermal zone readings."""
+
+    @property
+    def big_cpus(self) -> tuple[int, ...]:
+        """CPUs of the fastest class (all of them on a machine whose cores are alike)."""
+        return tuple(c.index for c in self.cpus if c.index in _fastest(self.cpus))
+
+    @property
+    def heterogeneous(self) -> bool:
+        """True on big.LITTLE (or P/E-core) machines."""
+        return len(_fastest(self.cpus)) < len(self.cpus)
+
+    @property
+    def physical_cores(self) -> int:
+        """Distinct physical cores among all CPUs."""
+        return len({c.core for c in self.cpus}) or 1
+
+    @property
+    def usable_cpus(self) -> int:
+        """CPUs this process can keep busy: the affinity set, capped by the cgroup quota (at least 1)."""
+        n = len(self.affinity)
+        if self.cpu_quota is not None:
+            n = min(n, max(1, math.floor(self.cpu_quota)))
+        return max(1, n)
+
+    @property
+    def memory_limit(self) -> int:
+        """Memory the daemon may count on: available memory, capped by the cgroup limit."""
+        limit = self.mem_available or self.mem_total
+        if self.mem_cgroup_limit is not None:
+            limit = min(limit, self.mem_cgroup_limit)
+        return limit
+
+
+def _fastest(cpus: tuple[Cpu, ...]) -> set[int]:
+    """Indices of the CPUs in the fastest class, by capacity, else by maximum frequency."""
+    for key in ("capacity", "max_khz"):
+        values = [getattr(c, key) for c in cpus]
+        if values and all(v is not None for v in values):
+            top = max(values)
+            # Cores within 5% of the top count as big (kernels report 1024 vs 1018 on some boards).
+            return {c.index for c in cpus if getattr(c, key) >= top * 0.95}
+    return {c.index for c in cpus}
+
+
+def _read(root: Path, rel: str) -> str | None:
+    try:
+        return (root / rel).read_text(errors="replace")
+    except (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError):
+        return None
+    except OSError as exc:  # e.g. EINVAL from some sysfs attributes
+        log.debug("cannot read %s: %s", rel, exc)
+        return None
+
+
+def _read_int(root: Path, rel: str) -> int | None:
+    text = _read(root, rel)
+    if text is None:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """Parse a kernel CPU list such as ``0-3,6,8-9``."""
+    out: list[int] = []
+    for part in text.strip().split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            out.extend(range(int(lo), int(hi) + 1))
+        else:
+            out.append(int(part))
+    return tuple(sorted(set(out)))
+
+
+def _cpuinfo_blocks(text: str) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """Split ``/proc/cpuinfo`` into per-processor blocks and the trailing board block (ARM)."""
+    blocks: list[dict[str, str]] = []
+    board: dict[str, str] = {}
+    current: dict[str, str] = {}
+    for raw in [*text.splitlines(), ""]:
+        line = raw.strip()
+        if not line:
+            if "processor" in current:
+                blocks.append(current)
+            else:
+                board.update(current)
+            current = {}
+            continue
+        if ":" in line:
+            key, _, value = line.partition(":")
+            current[key.strip().lower()] = value.strip()
+    return blocks, board
+
+
+def _cgroup_path(root: Path) -> Path | None:
+    text = _read(root, "proc/self/cgroup")
+    if text is None:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return Path(line[3:].strip().lstrip("/"))
+    return None
+
+
+def _cgroup_walk(root: Path, name: str) -> list[str]:
+    """Values of a cgroup v2 file from this process's cgroup up to the root."""
+    rel = _cgroup_path(root)
+    base = Path("sys/fs/cgroup")
+    values = []
+    paths = [rel, *rel.parents] if rel is not None else [Path()]
+    for p in paths:
+        text = _read(root, str(base / p / name))
+        if text is not None:
+            values.append(text.strip())
+    return values
+
+
+def _cpu_quota(root: Path) -> float | None:
+    quotas = []
+    for value in _cgroup_walk(root, "cpu.max"):
+        parts = value.split()
+        if len(parts) == 2 and parts[0] != "max":
+            quotas.append(int(parts[0]) / int(parts[1]))
+    return min(quotas) if quotas else None
+
+
+def _mem_cgroup(root: Path) -> int | None:
+    limits = [int(v) for v in _cgroup_walk(root, "memory.max") if v.isdigit()]
+    return min(limits) if limits else None
+
+
+def _meminfo(root: Path) -> tuple[int, int]:
+    text = _read(root, "proc/meminfo") or ""
+    values = {}
+    for line in text.splitlines():
+        m = re.match(r"(\w+):\s+(\d+)\s*kB", line)
+        if m:
+            values[m.group(1)] = int(m.group(2)) * 1024
+    total = values.get("MemTotal", 0)
+    return total, values.get("MemAvailable", values.get("MemFree", total))
+
+
+def _arch(root: Path, blocks: list[dict[str, str]]) -> str:
+    text = _read(root, "proc/sys/kernel/arch")
+    if text:
+        return text.strip()
+    first = blocks[0] if blocks else {}
+    if "vendor_id" in first or "flags" in first:
+        return "x86_64" if " lm " in f" {first.get('flags', '')} " else "i686"
+    arch = first.get("cpu architecture", "")
+    if arch == "8":
+        # A 32-bit kernel on an ARMv8 core reports "model name : ARMv7 ..." and 32-bit features.
+        return "armv7l" if "ARMv7" in first.get("model name", "") else "aarch64"
+    if arch == "7":
+        return "armv7l"
+    return "unknown"
+
+
+def _thermal(root: Path) -> tuple[Thermal, ...]:
+    base = root / "sys/class/thermal"
+    out = []
+    if base.is_dir():
+        for zone in sorted(base.glob("thermal_zone*")):
+            milli = _read_int(root, str(zone.relative_to(root) / "temp"))
+            kind = (_read(root, str(zone.relative_to(root) / "type")) or zone.name).strip()
+            if milli is not None:
+                out.append(Thermal(kind, milli / 1000.0))
+    return tuple(out)
+
+
+def _cuda(root: Path, compatible: tuple[str, ...], board: str, jetson: str) -> tuple[bool, str]:
+    if jetson:
+        return True, "Jetson Linux release file etc/nv_tegra_release"
+    if any(c.startswith("nvidia,tegra") or c.startswith("nvidia,p3") for c in compatible):
+        return True, f"device-tree compatible {next(c for c in compatible if c.startswith('nvidia,'))}"
+    if "jetson" in board.lower():
+        return True, f"board {board!r}"
+    version = _read(root, "proc/driver/nvidia/version")
+    if version:
+        return True, "NVIDIA driver (proc/driver/nvidia/version)"
+    if (root / "dev/nvidia0").exists():
+        return True, "device node dev/nvidia0"
+    return False, "no Jetson release file, no NVIDIA driver, no dev/nvidia0"
+
+
+def detect(root: Path = Path("/")) -> HardwareInfo:
+    """Read the hardware of the machine whose root directory is ``root``."""
+    blocks, board_block = _cpuinfo_blocks(_read(root, "proc/cpuinfo") or "")
+    arch = _arch(root, blocks)
+    board = (_read(root, "proc/device-tree/model") or "").replace("\x00", "").strip()
+    if not board:
+        board = board_block.get("model", "")
+    if not board:
+        board = (_read(root, "sys/class/dmi/id/product_name") or "").strip()
+    compatible = tuple(s for s in (_read(root, "proc/device-tree/compatible") or "").split("\x00") if s)
+
+    flags: set[str] = set()
+    cpus: list[Cpu] = []
+    present = parse_cpu_list(_read(root, "sys/devices/system/cpu/present") or "")
+    indices = [int(b["processor"]) for b in blocks if b.get("processor", "").isdigit()] or list(present) or [0]
+    for pos, idx in enumerate(indices):
+        b = blocks[pos] if pos < len(blocks) else {}
+        flags.update((b.get("flags") or b.get("features") or "").split())
+        sysdir = f"sys/devices/system/cpu/cpu{idx}"
+        package = _read_int(root, f"{sysdir}/topology/physical_package_id")
+        core = _read_int(root, f"{sysdir}/topology/core_id")
+        if package is None:
+            package = int(b.get("physical id", "0") or 0)
+        if core is None:
+            core = int(b["core id"]) if b.get("core id", "").isdigit() else idx
+        cpus.append(Cpu(
+            index=idx,
+            core=(package, core),
+            capacity=_read_int(root, f"{sysdir}/cpu_capacity"),
+            max_khz=_read_int(root, f"{sysdir}/cpufreq/cpuinfo_max_freq"),
+            part=b.get("cpu part") or b.get("model name", ""),
+        ))
+    known = set(ARM_FEATURES) | set(X86_FEATURES)
+    features = frozenset(f for f in flags if f in known)
+
+    status = _read(root, "proc/self/status") or ""
+    m = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M)
+    affinity = parse_cpu_list(m.group(1)) if m else tuple(c.index for c in cpus)
+    affinity = tuple(i for i in affinity if i in {c.index for c in cpus}) or tuple(c.index for c in cpus)
+
+    mem_total, mem_available = _meminfo(root)
+    jetson = (_read(root, "etc/nv_tegra_release") or "").splitlines()[0:1]
+    jetson_line = jetson[0].strip() if jetson else ""
+    cuda, cuda_reason = _cuda(root, compatible, board, jetson_line)
+    cpu_model = next((b["model name"] for b in blocks if "model name" in b), "")
+    return HardwareInfo(
+        arch=arch,
+        board=board,
+        compatible=compatible,
+        cpu_model=cpu_model,
+        features=features,
+        cpus=tuple(cpus),
+        affinity=affinity,
+        cpu_quota=_cpu_quota(root),
+        mem_total=mem_total,
+        mem_available=mem_available,
+        mem_cgroup_limit=_mem_cgroup(root),
+        jetson=jetson_line,
+        cuda=cuda,
+        cuda_reason=cuda_reason,
+        thermal=_thermal(root),
+    )

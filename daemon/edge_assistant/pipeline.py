@@ -1,0 +1,164 @@
+"""One request to one reply: persona, input checks, sampling policy, engine.
+
+Every transport (MQTT, voice, the CLI) builds a ``Request`` and gets a ``Reply``; the pipeline never raises for
+a request's own faults, it answers them with an error reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+from .config import Config
+from .engine import Generation, Message, Sampling
+from .errors import EdgeError, RequestError, UnknownPersonaError
+from .personas import build_messages
+from .sampling import policy
+
+log = logging.getLogger(__name__)
+
+
+class Generator(Protocol):
+    """What the pipeline needs of an engine (``engine.Engine`` is one)."""
+
+    sha256: str
+    backend: str
+    runtime: str
+
+    def generate(self, messages: list[Message], sampling: Sampling, on_text: Callable[[str], None] | None = None,
+                 cancel: threading.Event | None = None, deadline: float | None = None) -> Generation: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    """One question, from any transport."""
+
+    text: str
+    """The user's text."""
+    persona: str = ""
+    """Persona name; empty: the default persona."""
+    id: str = ""
+    """The client's request id, echoed in the reply."""
+    max_tokens: int | None = None
+    """Answer length bound (clamped to the ceiling)."""
+    temperature: float | None = None
+    """Requested temperature (clamped to the ceiling); None: the persona's."""
+    stream: bool = False
+    """Whether the client wants chunks while generating."""
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """A machine-readable error."""
+
+    code: str
+    """Stable code, e.g. ``busy``, ``bad_request``, ``context_overflow``."""
+    message: str
+    """A sentence for people."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the request cost."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    first_token_ms: float
+    total_ms: float
+    tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to a request, in the shape every transport sends."""
+
+    id: str
+    """The request's id."""
+    status: Literal["ok", "error", "refused"]
+    """``ok`` with text, ``error`` with an error, ``refused`` (off topic) with the persona's refusal text."""
+    text: str = ""
+    """The answer."""
+    persona: str = ""
+    """The persona that answered."""
+    error: ErrorInfo | None = None
+    """Set when ``status`` is ``error`` or ``refused``."""
+    usage: Usage | None = None
+    """Token counts and timings."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Model hash, quantization, seed, sampling, config hash, backend: what made this answer."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object sent to clients (``None`` fields left out)."""
+        return {k: v for k, v in asdict(self).items() if v not in (None, {}) or k in ("text",)}
+
+
+def error_reply(request_id: str, exc: EdgeError, persona: str = "") -> Reply:
+    """A reply carrying ``exc``'s code and message."""
+    return Reply(id=request_id, status="error", persona=persona, error=ErrorInfo(exc.code, exc.message))
+
+
+class Pipeline:
+    """Turns requests into replies with one engine and one configuration."""
+
+    def __init__(self, config: Config, engine: Generator, profile: str = "", quantization: str = "",
+                 model_file: str = "") -> None:
+        self.config = config
+        self.engine = engine
+        self.profile = profile
+        self.quantization = quantization
+        self.model_file = model_file
+        self.last_tokens_per_s = 0.0
+
+    def handle(self, request: Request, on_text: Callable[[str], None] | None = None,
+               cancel: threading.Event | None = None, deadline: float | None = None) -> Reply:
+        """Answer ``request``; errors of the request become error replies, nothing is raised for them."""
+        persona_name = request.persona or self.config.default_persona
+        try:
+            persona = self.config.personas.get(persona_name)
+            if persona is None:
+                raise UnknownPersonaError(
+                    f"unknown persona {persona_name!r} (have: {', '.join(sorted(self.config.personas))})")
+            if not request.text.strip():
+                raise RequestError("the request has no text")
+            if len(request.text) > persona.max_input_chars:
+                raise RequestError(f"the text is {len(request.text)} characters; persona {persona_name!r} "
+                                   f"takes at most {persona.max_input_chars}")
+            sampling, notes = policy(persona, self.config.limits, request.temperature, request.max_tokens)
+            for note in notes:
+                log.info("request %s: %s", request.id or "-", note)
+            if deadline is None:
+                deadline = time.monotonic() + self.config.limits.request_timeout_s
+            gen = self.engine.generate(build_messages(persona, request.text), sampling, on_text, cancel, deadline)
+        except RequestError as exc:
+            log.info("request %s refused with %s: %s", request.id or "-", exc.code, exc.message)
+            return error_reply(request.id, exc, persona_name)
+        self.last_tokens_per_s = gen.tokens_per_s or self.last_tokens_per_s
+        usage = Usage(gen.prompt_tokens, gen.completion_tokens, gen.finish_reason, round(gen.first_token_ms, 1),
+                      round(gen.total_ms, 1), round(gen.tokens_per_s, 2))
+        if gen.finish_reason in ("cancelled", "timeout"):
+            code = gen.finish_reason
+            message = ("the generation was cancelled" if code == "cancelled" else
+                       f"the generation ran past {self.config.limits.request_timeout_s:g} s and was stopped")
+            return Reply(id=request.id, status="error", text=gen.text, persona=persona_name,
+                         error=ErrorInfo(code, message), usage=usage, provenance=self.provenance(sampling))
+        return Reply(id=request.id, status="ok", text=gen.text.strip(), persona=persona_name, usage=usage,
+                     provenance=self.provenance(sampling))
+
+    def provenance(self, sampling: Sampling) -> dict[str, Any]:
+        """What made an answer: enough to reproduce it byte for byte."""
+        return {
+            "model_file": self.model_file,
+            "model_sha256": self.engine.sha256,
+            "quantization": self.quantization,
+            "backend": self.engine.backend,
+            "runtime": self.engine.runtime,
+            "profile": self.profile,
+            "seed": sampling.seed,
+            "sampling": asdict(sampling),
+            "config_sha256": self.config.digest,
+        }
