@@ -49,7 +49,7 @@ def plan(config: Config, root: Path = Path("/"), voice: bool = False) -> Plan:
         path = path if path.is_absolute() else directory / path
         if not path.is_file():
             raise ModelMissingError(f"{path}: model file not found (model.file in config)")
-        infos, unreadable = [inspect(path)], []
+        infos, unreadable = [inspect(path)], list[str]()
     else:
         infos, unreadable = scan(directory)
         if not infos:

@@ -99,7 +99,7 @@ class BusyError(RequestError):
     code = "busy"
 
 
-class TimeoutError_(RequestError):
+class GenerationTimeoutError(RequestError):
     """The generation ran past the per-request bound and was cancelled."""
 
     code = "timeout"

@@ -82,8 +82,9 @@ class _Cursor:
             return self.string()
         if vtype == _ARRAY:
             itype, count = self.take("I"), self.take("Q")
-            if count > len(self.buf):
-                raise ModelCorruptError(f"{self.path}: array of {count} items at offset {self.pos} is impossible")
+            if count > len(self.buf) - self.pos:
+                raise ModelCorruptError(f"{self.path}: truncated or corrupt: an array of {count} items at offset "
+                                        f"{self.pos} cannot fit in the {len(self.buf)}-byte file")
             if count <= _MAX_ARRAY_KEEP:
                 return [self.value(itype) for _ in range(count)]
             if itype in _SCALARS:

@@ -146,8 +146,8 @@ def _read_int(root: Path, rel: str) -> int | None:
 def parse_cpu_list(text: str) -> tuple[int, ...]:
     """Parse a kernel CPU list such as ``0-3,6,8-9``."""
     out: list[int] = []
-    for part in text.strip().split(","):
-        part = part.strip()
+    for raw in text.strip().split(","):
+        part = raw.strip()
         if not part:
             continue
         if "-" in part:

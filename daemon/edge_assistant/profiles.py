@@ -209,7 +209,7 @@ def match(hw: HardwareInfo, profiles: Iterable[Profile], forced: str = "") -> tu
             if p.name == forced:
                 return p, f"forced by config (profile.name = {forced!r})"
         raise ConfigError(f"profile.name: no profile named {forced!r} (have: {', '.join(p.name for p in profiles)})")
-    skipped = []
+    skipped: list[str] = []
     for p in profiles:
         fails = p.match.failures(hw)
         if not fails:

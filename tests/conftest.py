@@ -1,0 +1,94 @@
+"""Shared fixtures: the real default model, its quantizations, a loaded engine."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_assistant import app
+from edge_assistant.config import Config, load_config
+from edge_assistant.engine import Engine
+from edge_assistant.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICES = ROOT / "tests" / "data" / "devices"
+MODEL_DIR = Path(os.environ.get("EDGE_ASSISTANT_MODEL_DIR", ROOT / "models"))
+DEFAULT_MODEL = MODEL_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANT_CACHE = ROOT / ".cache" / "test-models"
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    if not DEFAULT_MODEL.is_file():
+        pytest.fail(f"{DEFAULT_MODEL} is missing: run scripts/setup (it fetches the default model)")
+    return DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def quantized(model_path: Path) -> dict[str, Path]:
+    """The default model requantized here with llama.cpp's quantize API: Q4_1 (original), Q4_0, Q8_0, Q4_K_M."""
+    import llama_cpp
+
+    QUANT_CACHE.mkdir(parents=True, exist_ok=True)
+    out = {"Q4_1": model_path}
+    for name, ftype in (("Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0), ("Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
+                        ("Q4_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
+        dest = QUANT_CACHE / f"SmolLM2-135M-Instruct.{name}.gguf"
+        if not dest.is_file():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = ftype
+            params.allow_requantize = True
+            params.nthread = 2
+            tmp = dest.with_suffix(".part")
+            rc = llama_cpp.llama_model_quantize(str(model_path).encode(), str(tmp).encode(), ctypes.byref(params))
+            assert rc == 0, f"quantize to {name} failed with {rc}"
+            tmp.rename(dest)
+        out[name] = dest
+    return out
+
+
+@pytest.fixture
+def model_dir_with(tmp_path: Path, quantized: dict[str, Path]):  # type: ignore[no-untyped-def]
+    """A fresh model directory holding links to the chosen quantizations."""
+
+    def make(*names: str) -> Path:
+        d = tmp_path / "models"
+        d.mkdir(exist_ok=True)
+        for n in names:
+            (d / quantized[n].name).symlink_to(quantized[n])
+        return d
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def config(model_path: Path) -> Config:
+    return load_config(None, {"model": {"dir": str(model_path.parent)}, "mqtt": {"enabled": False}})
+
+
+@pytest.fixture(scope="session")
+def loaded(config: Config) -> Iterator[tuple[Engine, Pipeline]]:
+    plan = app.plan(config)
+    yield app.load(config, plan)
+
+
+@pytest.fixture(scope="session")
+def pipeline(loaded: tuple[Engine, Pipeline]) -> Pipeline:
+    return loaded[1]
+
+
+@pytest.fixture(scope="session")
+def engine(loaded: tuple[Engine, Pipeline]) -> Engine:
+    return loaded[0]
+
+
+def copy_device(name: str, dest: Path) -> Path:
+    """A writable copy of a recorded device tree."""
+    target = dest / name
+    shutil.copytree(DEVICES / name, target, symlinks=True)
+    return target

@@ -1,0 +1,59 @@
+"""Configuration: defaults, merging, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_assistant.config import load_config
+from edge_assistant.errors import ConfigError
+
+
+def test_defaults_ship_two_personas() -> None:
+    config = load_config()
+    assert set(config.personas) == {"factory", "translator"}
+    assert config.personas["factory"].sampling.temperature == 0.0
+    assert config.personas["translator"].mode == "translate"
+    assert len(config.digest) == 64
+
+
+def test_user_file_merges_over_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('device_id = "lathe-3"\n[limits]\nqueue_size = 4\n'
+                    '[personas.qa]\nsystem_prompt = "You answer QA questions."\nseed = 7\n')
+    config = load_config(path)
+    assert config.device == "lathe-3"
+    assert config.limits.queue_size == 4
+    assert config.limits.max_payload_bytes == 16384  # untouched default
+    assert set(config.personas) == {"factory", "translator", "qa"}
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("[limits]\nqueue_size = 'many'\n", "limits.queue_size: expected an integer, got a string"),
+    ("[personas.factory]\nseed = 0\n", "personas.factory.seed: 0 is not usable"),
+    ("[personas.factory]\nseed = 4294967295\n", "personas.factory.seed: 4294967295 is not usable"),
+    ("[personas.factory.sampling]\ntemperature = -1.0\n", "personas.factory.sampling.temperature: must be 0 or more"),
+    ("[personas.factory.sampling]\ntemprature = 0.2\n", "personas.factory.sampling.temprature: unknown key"),
+    ("default_persona = 'nobody'\n", "default_persona: 'nobody' is not among the personas"),
+    ("[mqtt]\nport = 70000\n", "mqtt.port: 70000 is not a TCP port"),
+    ("[mqtt]\nprefix = 'plant/#'\n", "mqtt.prefix: must not contain"),
+    ("[model]\nsha256 = 'abc'\n", "model.sha256: must be 64 hexadecimal digits"),
+    ("[profile]\nn_ctx = 'x'\n", "profile.n_ctx: expected an integer"),
+    ("[personas.x]\ndescription = 'no prompt'\n", "personas.x.system_prompt: required key is missing"),
+    ("[personas.factory]\nexamples = [{user = 'hi'}]\n", r"personas.factory.examples\[0\].assistant: required"),
+    ("colour = 'red'\n", "colour: unknown key"),
+    ("[limits\n", "not valid TOML"),
+])
+def test_errors_name_the_key(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(path) in info.value.message
+    assert info.value.exit_code == 78
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml")

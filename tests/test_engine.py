@@ -1,0 +1,117 @@
+"""The engine and pipeline with the real model: determinism, streaming, cancel, bounds, provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+from conftest import ROOT
+from edge_assistant import app
+from edge_assistant.config import Config, load_config
+from edge_assistant.engine import Engine
+from edge_assistant.pipeline import Pipeline, Request
+
+Q = "Spindle 3 shows alarm 1012, coolant pressure low. What should I check first?"
+
+
+def test_same_request_same_bytes_whatever_was_asked_before(pipeline: Pipeline) -> None:
+    first = pipeline.handle(Request(text=Q, max_tokens=48))
+    assert first.status == "ok" and first.text
+    answers = [first.text]
+    # Unrelated requests, a request sharing the persona prefix, a different persona, a sampled request.
+    for earlier in (Request(text="How do I change a carbide insert?", max_tokens=30),
+                    Request(text=Q + " Also the chip conveyor is jammed.", max_tokens=20),
+                    Request(text="Guten Morgen", persona="translator", max_tokens=10),
+                    Request(text="Name three coolant types.", temperature=0.3, max_tokens=25)):
+        pipeline.handle(earlier)
+        again = pipeline.handle(Request(text=Q, max_tokens=48))
+        answers.append(again.text)
+    assert len(set(answers)) == 1, answers
+    assert first.provenance["seed"] == 1234
+
+
+def test_sampled_request_repeats_with_fixed_seed(pipeline: Pipeline) -> None:
+    req = Request(text="Name three coolant types.", temperature=0.3, max_tokens=30)
+    a = pipeline.handle(req)
+    pipeline.handle(Request(text="What is a collet?", max_tokens=10))
+    b = pipeline.handle(req)
+    assert a.text == b.text
+    assert a.provenance["sampling"]["temperature"] == 0.3
+
+
+def test_same_bytes_across_processes(pipeline: Pipeline, config: Config) -> None:
+    here = pipeline.handle(Request(text=Q, max_tokens=48))
+    env = {**os.environ, "EDGE_ASSISTANT_MODEL_DIR": str(config.model.directory())}
+    outs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "edge_assistant.cli", "generate", "--json", "--max-tokens",
+                               "48", Q], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(json.loads(proc.stdout))
+    assert outs[0]["text"] == outs[1]["text"] == here.text
+    assert outs[0]["provenance"] == outs[1]["provenance"]
+
+
+def test_provenance_names_everything(pipeline: Pipeline) -> None:
+    reply = pipeline.handle(Request(text="What is a collet?", max_tokens=8))
+    p = reply.provenance
+    assert p["model_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert p["quantization"] == "Q4_1" and p["backend"] == "cpu" and p["seed"] == 1234
+    assert p["sampling"]["temperature"] == 0.0 and p["sampling"]["max_tokens"] == 8
+    assert len(p["config_sha256"]) == 64 and p["profile"]
+    assert reply.usage is not None and reply.usage.completion_tokens <= 8
+
+
+def test_temperature_and_length_are_clamped(pipeline: Pipeline) -> None:
+    reply = pipeline.handle(Request(text="What is a collet?", temperature=5.0, max_tokens=100000))
+    assert reply.provenance["sampling"]["temperature"] == 0.3
+    assert reply.provenance["sampling"]["max_tokens"] == 512
+
+
+def test_streaming_pieces_make_the_answer(pipeline: Pipeline) -> None:
+    pieces: list[str] = []
+    reply = pipeline.handle(Request(text=Q, max_tokens=40), on_text=pieces.append)
+    assert len(pieces) > 5
+    assert "".join(pieces).strip() == reply.text
+
+
+def test_cancel_between_tokens(pipeline: Pipeline) -> None:
+    cancel = threading.Event()
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            cancel.set()
+
+    reply = pipeline.handle(Request(text=Q, max_tokens=100), on_text=on_text, cancel=cancel)
+    assert reply.status == "error" and reply.error is not None and reply.error.code == "cancelled"
+    assert reply.usage is not None and reply.usage.completion_tokens == 3
+
+
+def test_request_faults_are_replies(pipeline: Pipeline) -> None:
+    r = pipeline.handle(Request(text="hi", persona="astrologer"))
+    assert r.status == "error" and r.error is not None and r.error.code == "unknown_persona"
+    r = pipeline.handle(Request(text="x" * 5000))
+    assert r.error is not None and r.error.code == "bad_request" and "at most 1000" in r.error.message
+    r = pipeline.handle(Request(text="   "))
+    assert r.error is not None and r.error.code == "bad_request"
+
+
+def test_context_overflow_is_refused_before_generating(model_path) -> None:  # type: ignore[no-untyped-def]
+    config = load_config(None, {"model": {"dir": str(model_path.parent)}, "profile": {"n_ctx": 256},
+                                "personas": {"factory": {"max_input_chars": 100000}}})
+    plan = app.plan(config)
+    assert plan.choice.n_ctx == 256
+    engine, pipeline = app.load(config, plan)
+    assert isinstance(engine, Engine)
+    reply = pipeline.handle(Request(text="coolant " * 400))
+    assert reply.status == "error" and reply.error is not None
+    assert reply.error.code == "context_overflow"
+    assert "context holds 256" in reply.error.message
+    ok = pipeline.handle(Request(text="What is a collet?", max_tokens=400))
+    assert ok.status == "ok" and ok.usage is not None
+    assert ok.usage.prompt_tokens + ok.usage.completion_tokens <= 256

@@ -1,0 +1,161 @@
+"""Model choice on real GGUF files of several quantizations, made here from the default model; bad files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_assistant.errors import (
+    ConfigError,
+    ModelChecksumError,
+    ModelCorruptError,
+    ModelMissingError,
+    ModelTooLargeError,
+)
+from edge_assistant.models import COMPUTE_ALLOWANCE, MIB, choose, inspect, scan, verify
+
+ORDER_X86 = ("Q4_K_M", "Q4_0", "Q4_1", "Q8_0")
+ORDER_ARM = ("Q4_0", "Q4_K_M", "Q4_1", "Q8_0")
+BIG = 16 * 1024 * MIB
+
+
+def test_headers_of_each_quantization(quantized: dict[str, Path]) -> None:
+    for name, path in quantized.items():
+        info = inspect(path)
+        assert info.quantization == name
+        assert info.architecture == "llama"
+        assert info.n_layer == 30 and info.n_head == 9 and info.n_head_kv == 3
+        assert info.context_length == 8192
+        assert info.chat_template
+        assert 130e6 < info.parameters < 140e6
+    assert inspect(quantized["Q8_0"]).size > inspect(quantized["Q4_0"]).size
+
+
+@pytest.mark.parametrize(("order", "expected"), [(ORDER_X86, "Q4_K_M"), (ORDER_ARM, "Q4_0"),
+                                                 (("Q8_0", "Q4_0"), "Q8_0"), (("IQ2_XS",), "Q4_0")])
+def test_profile_order_decides(model_dir_with, order: tuple[str, ...], expected: str) -> None:  # type: ignore[no-untyped-def]
+    infos, bad = scan(model_dir_with("Q4_0", "Q4_1", "Q8_0", "Q4_K_M"))
+    assert not bad and len(infos) == 4
+    choice = choose(infos, order, BIG, 2048)
+    assert choice.info.quantization == expected
+    assert choice.n_ctx == 2048
+
+
+def test_preferred_file_too_big_falls_to_next(model_dir_with) -> None:  # type: ignore[no-untyped-def]
+    infos, _ = scan(model_dir_with("Q4_0", "Q8_0"))
+    q4 = next(i for i in infos if i.quantization == "Q4_0")
+    budget = q4.memory_bytes(2048) + MIB  # Q4_0 fits at full context, Q8_0 does not fit at all
+    choice = choose(infos, ("Q8_0", "Q4_0"), budget, 2048)
+    assert choice.info.quantization == "Q4_0"
+    assert any("Q8_0" in r and "budget" in r for r in choice.rejected)
+
+
+def test_context_shrinks_before_giving_up(model_dir_with) -> None:  # type: ignore[no-untyped-def]
+    infos, _ = scan(model_dir_with("Q4_1"))
+    info = infos[0]
+    budget = info.size + info.kv_bytes(512) + COMPUTE_ALLOWANCE
+    choice = choose(infos, ORDER_X86, budget, 4096)
+    assert choice.n_ctx == 512
+    assert any("shrunk from 4096 to 512" in r for r in choice.reasons)
+
+
+def test_nothing_fits_names_files_and_numbers(model_dir_with) -> None:  # type: ignore[no-untyped-def]
+    infos, _ = scan(model_dir_with("Q4_1", "Q8_0"))
+    with pytest.raises(ModelTooLargeError) as info:
+        choose(infos, ORDER_X86, 50 * MIB, 2048, min_ctx=256)
+    msg = info.value.message
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in msg and "SmolLM2-135M-Instruct.Q8_0.gguf" in msg
+    assert "budget 50 MiB" in msg
+    assert info.value.exit_code == 69
+
+
+def test_truncated_file(tmp_path: Path, model_path: Path) -> None:
+    bad = tmp_path / "cut.gguf"
+    with model_path.open("rb") as src, bad.open("wb") as dst:
+        dst.write(src.read(50 * MIB))
+    with pytest.raises(ModelCorruptError) as info:
+        inspect(bad)
+    assert str(bad) in info.value.message
+    assert "truncated" in info.value.message and str(model_path.stat().st_size) in info.value.message
+
+
+def test_truncated_header(tmp_path: Path, model_path: Path) -> None:
+    bad = tmp_path / "head.gguf"
+    bad.write_bytes(model_path.read_bytes()[:4096])
+    with pytest.raises(ModelCorruptError, match=r"head.gguf: .*(truncated|past the file end)"):
+        inspect(bad)
+
+
+@pytest.mark.parametrize(("content", "message"), [(b"PK\x03\x04" + b"\0" * 100, "not a GGUF file"),
+                                                  (b"GGUF", "too small"),
+                                                  (b"GGUF\x07\0\0\0" + b"\0" * 64, "unsupported GGUF version 7"),
+                                                  (b"GGUF\x03\0\0\0" + b"\xff" * 16 + b"\0" * 64, "corrupt")])
+def test_not_gguf(tmp_path: Path, content: bytes, message: str) -> None:
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(content)
+    with pytest.raises(ModelCorruptError, match=message):
+        inspect(bad)
+
+
+def test_scan_skips_bad_files_and_says_why(tmp_path: Path, model_path: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "good.gguf").symlink_to(model_path)
+    (d / "junk.gguf").write_bytes(b"hello world" * 10)
+    infos, bad = scan(d)
+    assert [i.path.name for i in infos] == ["good.gguf"]
+    assert len(bad) == 1 and "junk.gguf" in bad[0] and "not a GGUF file" in bad[0]
+    with pytest.raises(ModelMissingError):
+        scan(tmp_path / "absent")
+
+
+def test_checksum(model_path: Path) -> None:
+    good = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert verify(model_path, good) == good
+    with pytest.raises(ModelChecksumError) as info:
+        verify(model_path, "0" * 64)
+    assert str(model_path) in info.value.message and good in info.value.message
+
+
+def test_error_exit_codes_are_distinct() -> None:
+    codes = [e.exit_code for e in (ConfigError("x"), ModelCorruptError("x"), ModelMissingError("x"),
+                                   ModelChecksumError("x"), ModelTooLargeError("x"))]
+    assert len(set(codes)) == len(codes)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_assistant.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300, check=False)
+
+
+def test_cli_models_lists_and_explains(model_dir_with) -> None:  # type: ignore[no-untyped-def]
+    d = model_dir_with("Q4_0", "Q4_1", "Q8_0", "Q4_K_M")
+    out = _cli("models", "--model-dir", str(d), "--profile", "raspberry-pi-5")
+    assert out.returncode == 0, out.stderr
+    assert "Choice (profile raspberry-pi-5): SmolLM2-135M-Instruct.Q4_0.gguf" in out.stdout
+    for q in ("Q4_0", "Q4_1", "Q8_0", "Q4_K_M"):
+        assert f"SmolLM2-135M-Instruct.{q}.gguf" in out.stdout
+
+
+@pytest.mark.parametrize(("setup", "code", "text"), [
+    ("empty", 66, "no readable GGUF model"),
+    ("corrupt", 66, "truncated"),
+    ("badsum", 67, "SHA-256 is"),
+])
+def test_cli_exit_codes(tmp_path: Path, model_path: Path, setup: str, code: int, text: str) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    if setup == "corrupt":
+        (d / "cut.gguf").write_bytes(model_path.read_bytes()[: 20 * MIB])
+    if setup == "badsum":
+        shutil.copy(model_path, d / "m.gguf")
+        (d / "m.gguf.sha256").write_text("0" * 64 + "  m.gguf\n")
+    out = _cli("generate", "--model-dir", str(d), "hello")
+    assert out.returncode == code, out.stderr
+    assert text in out.stderr
+    assert "Traceback" not in out.stderr
