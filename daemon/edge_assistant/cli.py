@@ -117,6 +117,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0 if reply.status == "ok" else 1
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .service import run, setup_logging
+
+    setup_logging(args.log_level if args.log_level != "WARNING" else "INFO")
+    path = Path(args.config) if args.config else config_path_from_env()
+    config = _config(args)
+    return run(config, path)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import uuid
+
+    from .askclient import ask
+    from .protocol import Topics
+
+    config = _config(args)
+    m = config.mqtt
+    topics = Topics(m.prefix, args.device or config.device)
+    topic = topics.request + (f"/{args.persona}" if args.persona else "")
+    reply_topic = f"{m.response_prefix or m.prefix + '/'}{topics.device}/reply/{uuid.uuid4().hex[:12]}"
+    body: dict[str, Any] = {"text": args.text, "stream": not args.json, "id": uuid.uuid4().hex[:12]}
+    if args.max_tokens is not None:
+        body["max_tokens"] = args.max_tokens
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    from .mqtt import _password
+
+    password = _password(m.password_file, m.password_env) if m.username else None
+    reply = ask(args.host or m.host, args.port or m.port, topic, reply_topic, body,
+                on_chunk=None if args.json else show, timeout_s=args.timeout, username=m.username,
+                password=password)
+    if args.json:
+        print(json.dumps(reply, ensure_ascii=False, indent=2))
+    else:
+        sys.stdout.write("\n")
+        if reply.get("status") != "ok":
+            err = reply.get("error") or {}
+            print(f"edge-assistant: {err.get('code', reply.get('status'))}: {err.get('message', '')}",
+                  file=sys.stderr)
+    return 0 if reply.get("status") == "ok" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-assistant", description=__doc__)
     parser.add_argument("--config", help="config file (default: $EDGE_ASSISTANT_CONFIG or "
@@ -146,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="force a profile by name")
     p.add_argument("--json", action="store_true", help="print the whole reply as JSON (with provenance)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("run", help="run the daemon: load the model and serve over MQTT (under systemd or not)")
+    p.add_argument("--model-dir")
+    p.add_argument("--profile", help="force a profile by name")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ask", help="ask a running daemon over MQTT and stream the answer")
+    p.add_argument("text")
+    p.add_argument("--persona")
+    p.add_argument("--device", help="device id of the daemon (default: this host's)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+    p.set_defaults(func=cmd_ask)
     return parser
 
 

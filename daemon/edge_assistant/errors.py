@@ -62,6 +62,13 @@ class ModelTooLargeError(ModelError):
     exit_code = 69  # EX_UNAVAILABLE
 
 
+class BrokerAuthError(EdgeError):
+    """The broker refused the credentials, or the password could not be read."""
+
+    code = "broker_auth"
+    exit_code = 77  # EX_NOPERM
+
+
 class RequestError(EdgeError):
     """Base of the errors that answer one request and leave the daemon serving."""
 

@@ -158,6 +158,7 @@ class Pipeline:
             "backend": self.engine.backend,
             "runtime": self.engine.runtime,
             "profile": self.profile,
+            "device": self.config.device,
             "seed": sampling.seed,
             "sampling": asdict(sampling),
             "config_sha256": self.config.digest,

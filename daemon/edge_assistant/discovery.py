@@ -1,0 +1,53 @@
+"""Home Assistant device-based MQTT discovery (``homeassistant/device/<id>/config``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+from .protocol import Topics
+
+
+def discovery_topic(discovery_prefix: str, device: str) -> str:
+    """Where the device's discovery payload is published (retained)."""
+    return f"{discovery_prefix}/device/edge-assistant-{device}/config"
+
+
+def discovery_payload(topics: Topics, device: str, model: str, profile: str) -> dict[str, Any]:
+    """One device with a text entity to ask, the last answer, a busy flag and health sensors."""
+    uid = f"edge_assistant_{device}"
+
+    def health_sensor(name: str, key: str, unit: str | None = None, device_class: str | None = None) -> dict[str, Any]:
+        cmp: dict[str, Any] = {"p": "sensor", "name": name, "uniq_id": f"{uid}_{key}", "stat_t": topics.health,
+                               "val_tpl": f"{{{{ value_json.{key} }}}}", "ent_cat": "diagnostic"}
+        if unit:
+            cmp["unit_of_meas"] = unit
+        if device_class:
+            cmp["dev_cla"] = device_class
+        return cmp
+
+    return {
+        "dev": {"ids": [uid], "name": f"Edge assistant {device}", "mf": "edge-assistant", "mdl": model,
+                "sw": __version__, "hw": profile},
+        "o": {"name": "edge-assistant", "sw": __version__},
+        "avty_t": topics.status,
+        "pl_avail": "online",
+        "pl_not_avail": "offline",
+        "qos": 1,
+        "cmps": {
+            "ask": {"p": "text", "name": "Ask", "uniq_id": f"{uid}_ask", "cmd_t": topics.request, "max": 255,
+                    "icon": "mdi:chat-question"},
+            "answer": {"p": "sensor", "name": "Last answer", "uniq_id": f"{uid}_answer", "stat_t": topics.answer,
+                       "val_tpl": "{{ value_json.state }}", "json_attr_t": topics.answer,
+                       "json_attr_tpl": "{{ {'text': value_json.text, 'id': value_json.id, "
+                                        "'persona': value_json.persona, 'status': value_json.status} | tojson }}",
+                       "icon": "mdi:chat"},
+            "busy": {"p": "binary_sensor", "name": "Busy", "uniq_id": f"{uid}_busy", "stat_t": topics.health,
+                     "val_tpl": "{{ 'ON' if value_json.busy else 'OFF' }}", "dev_cla": "running"},
+            "queue": health_sensor("Queue depth", "queue_depth"),
+            "tokens_per_s": health_sensor("Tokens per second", "last_tokens_per_s", "tok/s"),
+            "cpu": health_sensor("CPU", "cpu_percent", "%"),
+            "memory": health_sensor("Memory", "mem_percent", "%"),
+            "temperature": health_sensor("Temperature", "temperature_c", "°C", "temperature"),
+        },
+    }

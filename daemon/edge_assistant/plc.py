@@ -1,0 +1,117 @@
+"""PLC gateways: alarms published by a gateway become explanation requests.
+
+A route maps a topic filter (``plant/+/alarm``) to a persona and a prompt template filled from the JSON payload
+(``tag``, ``value``, ``unit``, ``alarm``, and any other scalar field). Every field is quoted as data, cut to a
+bounded length and stripped of line breaks, so a field cannot smuggle instructions. The gateway's identity is
+the topic level the first ``+`` matched: with a broker ACL such as ``pattern write plant/%u/alarm`` it cannot be
+forged from the payload. The same alarm from the same gateway is explained once per window, and each gateway is
+rate limited.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from dataclasses import dataclass, field
+
+from .config import PlcRoute
+from .errors import BadRequestError, PayloadTooLargeError, RequestError
+from .jobqueue import PRIORITY_ALARM
+from .pipeline import Request
+from .protocol import Incoming
+
+log = logging.getLogger(__name__)
+
+MAX_FIELD = 200
+
+
+@dataclass
+class PlcResult:
+    """What became of one alarm message."""
+
+    job: Incoming | None
+    """The request to queue, or None when refused or de-duplicated."""
+    reason: str
+    """Why it was not queued (for the log)."""
+    reply_topic: str
+    """Where the explanation goes."""
+    priority: int = PRIORITY_ALARM
+    """Alarms go before chat."""
+
+
+def topic_match(filt: str, topic: str) -> list[str] | None:
+    """The levels matched by wildcards if ``topic`` matches the filter ``filt``, else None."""
+    f_parts, t_parts = filt.split("/"), topic.split("/")
+    matched: list[str] = []
+    for i, f in enumerate(f_parts):
+        if f == "#":
+            return [*matched, "/".join(t_parts[i:])]
+        if i >= len(t_parts):
+            return None
+        if f == "+":
+            matched.append(t_parts[i])
+        elif f != t_parts[i]:
+            return None
+    return matched if len(f_parts) == len(t_parts) else None
+
+
+def quote_field(value: object) -> str:
+    """A payload value as quoted, bounded, single-line data."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    text = " ".join(text.split())[:MAX_FIELD]
+    return json.dumps(text, ensure_ascii=False)
+
+
+@dataclass
+class PlcGateway:
+    """Turns alarm messages into requests: routing, templating, de-duplication and rate limits."""
+
+    routes: tuple[PlcRoute, ...]
+    _seen: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def route_for(self, topic: str) -> PlcRoute | None:
+        """The first route whose filter matches ``topic``."""
+        return next((r for r in self.routes if topic_match(r.topic, topic) is not None), None)
+
+    def accept(self, route: PlcRoute, topic: str, payload: bytes, now: float) -> PlcResult:
+        """Build the explanation request for one alarm, or say why there is none."""
+        levels = topic_match(route.topic, topic) or []
+        gateway = levels[0] if levels else topic
+        reply_topic = route.reply_topic.format(gateway=gateway, topic=topic)
+        try:
+            fields = self._fields(route, payload)
+        except RequestError as exc:
+            return PlcResult(None, f"{exc.code}: {exc.message}", reply_topic)
+        key = (gateway, str(fields.get("tag", "")), str(fields.get("alarm", "")))
+        last = self._seen.get(key)
+        if last is not None and now - last < route.dedupe_window_s:
+            return PlcResult(None, f"repeated alarm {key[1]!r} from {gateway} within {route.dedupe_window_s:g} s: "
+                                   "already explained", reply_topic)
+        tokens, stamp = self._buckets.get(gateway, (route.rate_per_minute, now))
+        tokens = min(route.rate_per_minute, tokens + (now - stamp) * route.rate_per_minute / 60.0)
+        if tokens < 1.0:
+            self._buckets[gateway] = (tokens, now)
+            return PlcResult(None, f"gateway {gateway} is over its rate of {route.rate_per_minute:g} per minute",
+                             reply_topic)
+        self._buckets[gateway] = (tokens - 1.0, now)
+        self._seen[key] = now
+        values = {name: quote_field(fields.get(name, "")) for _, name, _, _ in
+                  string.Formatter().parse(route.template) if name}
+        values["gateway"] = quote_field(gateway)
+        text = route.template.format(**values)
+        rid = str(fields.get("id", "")) or f"{gateway}:{key[1]}:{int(now * 1000)}"
+        request = Request(text=text, persona=route.persona, id=rid, max_tokens=route.max_tokens)
+        return PlcResult(Incoming(request, reply_topic, None, f"plc|{rid}"), "", reply_topic)
+
+    def _fields(self, route: PlcRoute, payload: bytes) -> dict[str, object]:
+        if len(payload) > route.max_payload_bytes:
+            raise PayloadTooLargeError(f"alarm payload is {len(payload)} bytes; limit {route.max_payload_bytes}")
+        try:
+            data = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRequestError(f"alarm payload is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise BadRequestError("alarm payload must be a JSON object")
+        return {k: v for k, v in data.items() if isinstance(v, str | int | float | bool)}

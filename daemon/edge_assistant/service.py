@@ -1,0 +1,259 @@
+"""The daemon's life under systemd: notify, watchdog, journald, signals, reload.
+
+``READY=1`` is sent once the model is loaded and the broker connected; ``WATCHDOG=1`` only while the request loop
+makes progress (a generation stuck past its bound stops the pings, and systemd restarts the service);
+``STOPPING=1`` on shutdown. Without systemd every notification is a no-op.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from . import app
+from .config import Config, load_config
+from .errors import EdgeError
+from .mqtt import MqttService
+
+log = logging.getLogger(__name__)
+
+
+def _systemd_notify() -> Callable[[str], Any] | None:
+    """systemd-python's ``notify``, or None where it cannot be imported.
+
+    A repo-root folder named ``systemd/`` on ``sys.path`` shadows the package: ``import systemd.daemon`` then
+    fails with ``ModuleNotFoundError`` or another ``ImportError``, so both are caught.
+    """
+    try:
+        daemon = importlib.import_module("systemd.daemon")
+    except ImportError:
+        return None
+    notify = getattr(daemon, "notify", None)
+    return notify if callable(notify) else None
+
+
+class Notifier:
+    """Sends sd_notify messages: through systemd-python, else straight to ``$NOTIFY_SOCKET``, else nowhere."""
+
+    def __init__(self) -> None:
+        self.socket_path = os.environ.get("NOTIFY_SOCKET", "")
+        self._lib = _systemd_notify() if self.socket_path else None
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and (not pid or pid == str(os.getpid())) else 0.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a notify socket is set."""
+        return bool(self.socket_path)
+
+    def send(self, message: str) -> None:
+        """Send one notification (several lines allowed); a no-op without a notify socket."""
+        if not self.socket_path:
+            return
+        if self._lib is not None:
+            self._lib(message)
+            return
+        addr = self.socket_path
+        if addr.startswith("@"):
+            addr = "\0" + addr[1:]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(addr)
+            sock.sendall(message.encode())
+
+    def status(self, text: str) -> None:
+        """``STATUS=`` line for ``systemctl status``."""
+        log.info("%s", text)
+        self.send(f"STATUS={text}")
+
+
+class _Extender:
+    """Sends ``EXTEND_TIMEOUT_USEC`` every few seconds while a slow start-up step runs."""
+
+    def __init__(self, notifier: Notifier, every_s: float = 5.0) -> None:
+        self.notifier, self.every_s = notifier, every_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="extend-timeout", daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.every_s):
+            self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(self.every_s * 3 * 1e6)}")
+
+    def __enter__(self) -> _Extender:
+        if self.notifier.enabled:
+            self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(self.every_s * 3 * 1e6)}")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+
+
+def setup_logging(level: str) -> None:
+    """Structured journald records under systemd (``JOURNAL_STREAM`` matches stderr), plain stderr lines otherwise."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler: logging.Handler | None = None
+    if _stderr_is_journal():
+        try:
+            journal = importlib.import_module("systemd.journal")
+            handler = journal.JournalHandler(SYSLOG_IDENTIFIER="edge-assistant")
+        except ImportError:
+            handler = None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+
+
+def _stderr_is_journal() -> bool:
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    if ":" not in stream:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    dev, ino = stream.split(":", 1)
+    return dev == str(st.st_dev) and ino == str(st.st_ino)
+
+
+class Daemon:
+    """Loads, serves, pings the watchdog, reloads on SIGHUP and stops cleanly on SIGTERM."""
+
+    def __init__(self, config: Config, config_path: Path | None, stall_s: float | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self.stall_s = stall_s if stall_s is not None else config.limits.request_timeout_s + 30
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.mqtt: MqttService | None = None
+        self.plan: app.Plan | None = None
+
+    def _signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload.set()
+        else:
+            self._stop.set()
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._signal)
+        n = self.notifier
+        n.status("detecting hardware and choosing a model")
+        self.plan = app.plan(self.config)
+        choice = self.plan.choice
+        n.status(f"loading {choice.info.path.name} ({choice.info.quantization}, profile {self.plan.settings.profile})")
+        with _Extender(n):
+            _engine, pipeline = app.load(self.config, self.plan)
+        self.pipeline = pipeline
+        if self.config.mqtt.enabled:
+            n.status(f"connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
+            self.mqtt = MqttService(self.config, pipeline, model=choice.info.path.name,
+                                    profile=self.plan.settings.profile)
+            with _Extender(n):
+                self.mqtt.start(wait_s=60.0)
+        n.send("READY=1")
+        n.status(self._serving_status())
+        return self._loop()
+
+    def _serving_status(self) -> str:
+        assert self.plan is not None
+        where = (f"on {self.config.mqtt.host}:{self.config.mqtt.port} as {self.config.mqtt.prefix}/"
+                 f"{self.config.device}" if self.mqtt else "without MQTT")
+        return (f"serving {self.plan.choice.info.path.name} with profile {self.plan.settings.profile} "
+                f"({self.plan.settings.n_threads} threads) {where}")
+
+    def healthy(self) -> bool:
+        """False when a generation has made no progress for longer than the stall bound."""
+        if self.mqtt is None:
+            return True
+        return not (self.mqtt.busy and time.monotonic() - self.mqtt.last_progress > self.stall_s)
+
+    def _loop(self) -> int:
+        n = self.notifier
+        tick = min(n.watchdog_s / 3, 2.0) if n.watchdog_s else 1.0
+        stalled_logged = False
+        while not self._stop.wait(tick):
+            if self.mqtt is not None and self.mqtt.fatal is not None:
+                log.error("stopping: %s", self.mqtt.fatal.message)
+                n.send("STOPPING=1")
+                self.mqtt.stop(grace_s=1.0)
+                return self.mqtt.fatal.exit_code
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            if self.healthy():
+                stalled_logged = False
+                if n.watchdog_s:
+                    n.send("WATCHDOG=1")
+            elif not stalled_logged:
+                stalled_logged = True
+                log.error("generation stalled for over %.0f s: watchdog pings stopped", self.stall_s)
+                n.status("generation stalled: waiting for the watchdog")
+        n.send("STOPPING=1")
+        n.status("stopping: finishing the current request")
+        if self.mqtt is not None:
+            self.mqtt.stop(grace_s=10.0)
+        log.info("stopped")
+        return 0
+
+    def reload(self) -> None:
+        """Re-read the config: personas, limits and MQTT take effect; the model reloads only if it changed."""
+        n = self.notifier
+        n.send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        try:
+            new = load_config(self.config_path)
+            old = self.config
+            if (new.model, new.profile) != (old.model, old.profile):
+                n.status("reloading: the model or profile changed, loading it")
+                plan = app.plan(new)
+                with _Extender(n):
+                    engine, _ = app.load(new, plan)
+                self.plan = plan
+                self.pipeline.engine = engine
+                self.pipeline.quantization = plan.choice.info.quantization
+                self.pipeline.model_file = plan.choice.info.path.name
+                self.pipeline.profile = plan.settings.profile
+            self.pipeline.config = new
+            self.config = new
+            if self.mqtt is not None:
+                if replace(new.mqtt) != replace(old.mqtt) or new.device != old.device or new.plc != old.plc:
+                    n.status("reloading: reconnecting with the new MQTT settings")
+                    assert self.plan is not None
+                    self.mqtt.stop(grace_s=10.0, handover=True)
+                    self.mqtt = MqttService(new, self.pipeline, model=self.plan.choice.info.path.name,
+                                            profile=self.plan.settings.profile)
+                    self.mqtt.start(wait_s=30.0)
+                else:
+                    self.mqtt.config = new
+            log.info("configuration reloaded (config %s)", new.digest[:12])
+        except EdgeError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc.message)
+        n.send("READY=1")
+        n.status(self._serving_status())
+
+
+def run(config: Config, config_path: Path | None) -> int:
+    """Run the daemon; start-up errors exit with the error's code and one clear line."""
+    daemon = Daemon(config, config_path)
+    try:
+        return daemon.run()
+    except EdgeError as exc:
+        daemon.notifier.send(f"STATUS=failed: {exc.message}\nERRNO={exc.exit_code}")
+        raise
