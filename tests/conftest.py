@@ -15,6 +15,8 @@ from edge_assistant.config import Config, load_config
 from edge_assistant.engine import Engine
 from edge_assistant.pipeline import Pipeline
 
+from mqttkit import Broker, Client
+
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ROOT / "tests" / "data" / "devices"
 MODEL_DIR = Path(os.environ.get("EDGE_ASSISTANT_MODEL_DIR", ROOT / "models"))
@@ -92,3 +94,19 @@ def copy_device(name: str, dest: Path) -> Path:
     target = dest / name
     shutil.copytree(DEVICES / name, target, symlinks=True)
     return target
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A real Mosquitto (password file, ACL, persistence) on a free port, for one test module."""
+    b = Broker(tmp_path_factory.mktemp("broker"))
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def watcher(broker: Broker) -> Iterator[Client]:
+    c = Client(broker)
+    yield c
+    c.close()

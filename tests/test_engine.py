@@ -8,11 +8,12 @@ import subprocess
 import sys
 import threading
 
-from conftest import ROOT
 from edge_assistant import app
 from edge_assistant.config import Config, load_config
 from edge_assistant.engine import Engine
 from edge_assistant.pipeline import Pipeline, Request
+
+from conftest import ROOT
 
 Q = "Spindle 3 shows alarm 1012, coolant pressure low. What should I check first?"
 

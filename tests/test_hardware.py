@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEVICES, copy_device
 from edge_assistant.hardware import detect, parse_cpu_list
 from edge_assistant.profiles import default_profiles_dir, load_profiles, match, resolve
+
+from conftest import DEVICES, copy_device
 
 # device, arch, board substring, features that must be found, cpus, big cpus, usable, cuda, profile, n_threads
 CASES = [

@@ -20,21 +20,6 @@ pytestmark = pytest.mark.broker
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    b = Broker(tmp_path_factory.mktemp("broker"))
-    b.start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture
-def watcher(broker: Broker) -> Iterator[Client]:
-    c = Client(broker)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
 def shared_daemon(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """One daemon for the tests that only ask questions."""
     cfg = write_config(tmp_path_factory.mktemp("d") / "config.toml", broker, "dev1",

@@ -71,15 +71,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     directory = config.model.directory()
     infos, bad = scan(directory)
     if args.json:
+        rc = 0
         try:
             plan = app.plan(config)
             chosen: dict[str, Any] = {"file": plan.choice.info.path.name, "n_ctx": plan.choice.n_ctx,
                                       "reasons": plan.choice.reasons, "rejected": plan.choice.rejected}
         except EdgeError as exc:
             chosen = {"error": {"code": exc.code, "message": exc.message}}
+            rc = exc.exit_code
         print(json.dumps({"dir": str(directory), "models": [asdict(i) for i in infos], "unreadable": bad,
                           "choice": chosen}, indent=2, default=str))
-        return 0
+        return rc
     print(f"Models in {directory}")
     for i in infos:
         print(f"  {i.path.name:<44} {i.quantization:<8} {i.size / MIB:7.1f} MiB  {i.architecture} "

@@ -137,6 +137,10 @@ class Limits:
     """Requests waiting beyond this are answered ``busy``."""
     max_payload_bytes: int = 16384
     """Larger MQTT payloads are refused before parsing."""
+    stop_grace_s: float = 10.0
+    """On SIGTERM the running generation may finish for this long before it is cancelled."""
+    watchdog_stall_s: float = 0.0
+    """A generation without progress (no token) for this long stops the watchdog pings; 0: timeout + 30 s."""
 
     def __post_init__(self) -> None:
         if self.temperature_ceiling < 0:
@@ -145,6 +149,8 @@ class Limits:
             raise ValueError("max_tokens_ceiling, queue_size: must be 1 or more; max_payload_bytes: 64 or more")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s: must be more than 0")
+        if self.watchdog_stall_s < 0:
+            raise ValueError("watchdog_stall_s: must be 0 (automatic) or more")
 
 
 @dataclass(frozen=True)

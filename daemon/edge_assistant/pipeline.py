@@ -135,9 +135,15 @@ class Pipeline:
                 deadline = time.monotonic() + self.config.limits.request_timeout_s
             gen = self.engine.generate(build_messages(persona, request.text), sampling, on_text, cancel, deadline)
         except RequestError as exc:
-            log.info("request %s refused with %s: %s", request.id or "-", exc.code, exc.message)
+            log.info("request %s refused with %s: %s", request.id or "-", exc.code, exc.message,
+                     extra={"REQUEST_ID": request.id, "PERSONA": persona_name, "ERROR_CODE": exc.code})
             return error_reply(request.id, exc, persona_name)
         self.last_tokens_per_s = gen.tokens_per_s or self.last_tokens_per_s
+        log.info("request %s (%s): %d+%d tokens, %s, %.0f ms", request.id or "-", persona_name, gen.prompt_tokens,
+                 gen.completion_tokens, gen.finish_reason, gen.total_ms,
+                 extra={"REQUEST_ID": request.id, "PERSONA": persona_name, "PROMPT_TOKENS": gen.prompt_tokens,
+                        "COMPLETION_TOKENS": gen.completion_tokens, "DURATION_MS": round(gen.total_ms),
+                        "FINISH_REASON": gen.finish_reason})
         usage = Usage(gen.prompt_tokens, gen.completion_tokens, gen.finish_reason, round(gen.first_token_ms, 1),
                       round(gen.total_ms, 1), round(gen.tokens_per_s, 2))
         if gen.finish_reason in ("cancelled", "timeout"):

@@ -8,6 +8,7 @@ with an empty ``[match]`` catches the rest. The config file may force a profile 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -176,7 +177,9 @@ class Settings:
 
 
 def default_profiles_dir() -> Path:
-    """``hw_profiles/`` beside the source tree, or the installed copy."""
+    """``$EDGE_ASSISTANT_PROFILES_DIR``, else ``hw_profiles/`` beside the source tree, else the installed copy."""
+    if os.environ.get("EDGE_ASSISTANT_PROFILES_DIR"):
+        return Path(os.environ["EDGE_ASSISTANT_PROFILES_DIR"])
     here = Path(__file__).resolve()
     for candidate in (here.parents[2] / "hw_profiles", Path("/usr/share/edge-assistant/hw_profiles")):
         if candidate.is_dir():

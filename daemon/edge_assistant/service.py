@@ -49,6 +49,8 @@ class Notifier:
     def __init__(self) -> None:
         self.socket_path = os.environ.get("NOTIFY_SOCKET", "")
         self._lib = _systemd_notify() if self.socket_path else None
+        if self.socket_path:
+            log.debug("sd_notify via %s", "systemd-python" if self._lib else "the notify socket directly")
         usec = os.environ.get("WATCHDOG_USEC", "")
         pid = os.environ.get("WATCHDOG_PID", "")
         self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and (not pid or pid == str(os.getpid())) else 0.0
@@ -138,7 +140,7 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.notifier = Notifier()
-        self.stall_s = stall_s if stall_s is not None else config.limits.request_timeout_s + 30
+        self.stall_s = stall_s or config.limits.watchdog_stall_s or config.limits.request_timeout_s + 30
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.mqtt: MqttService | None = None
@@ -209,7 +211,7 @@ class Daemon:
         n.send("STOPPING=1")
         n.status("stopping: finishing the current request")
         if self.mqtt is not None:
-            self.mqtt.stop(grace_s=10.0)
+            self.mqtt.stop(grace_s=self.config.limits.stop_grace_s)
         log.info("stopped")
         return 0
 
@@ -236,7 +238,7 @@ class Daemon:
                 if replace(new.mqtt) != replace(old.mqtt) or new.device != old.device or new.plc != old.plc:
                     n.status("reloading: reconnecting with the new MQTT settings")
                     assert self.plan is not None
-                    self.mqtt.stop(grace_s=10.0, handover=True)
+                    self.mqtt.stop(grace_s=self.config.limits.stop_grace_s, handover=True)
                     self.mqtt = MqttService(new, self.pipeline, model=self.plan.choice.info.path.name,
                                             profile=self.plan.settings.profile)
                     self.mqtt.start(wait_s=30.0)
