@@ -1,8 +1,12 @@
 """The engine: owns the ``llama_cpp.Llama`` instance, keeps it loaded, runs one generation at a time.
 
-Determinism: before every request the seed is set and the KV cache is reset, so a request's answer never depends
-on what was asked before (llama-cpp-python otherwise reuses the cache of a shared prompt prefix, and on CUDA that
-was seen to change answers). The prompt is always evaluated from token 0 in ``n_batch`` chunks.
+Determinism: before every request the seed is set, and the prompt is always evaluated in the same two pieces: the
+persona's prefix (system prompt and examples) from position 0, then the user's turn from the end of the prefix,
+each in ``n_batch`` chunks. When the previous request left the same prefix in the KV cache, its cells are kept and
+only the user's turn is evaluated (the persona's prefix cache); otherwise the cache is reset and the prefix
+evaluated first. Either way the same arithmetic runs, so an answer never depends on what was asked before.
+(llama-cpp-python's own prefix reuse splits prompts wherever the previous one ended; on CUDA that was seen to
+change answers, and evaluating the last token alone shifts logits.)
 
 The engine is synchronous; callers run it on a worker thread, never on a network loop or the watchdog thread.
 """
@@ -63,6 +67,8 @@ class Generation:
     """From start to the first generated token (prompt processing included)."""
     total_ms: float
     """From start to the end."""
+    prefix_cached: bool = False
+    """Whether the persona's prefix was already in the KV cache."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -82,6 +88,8 @@ class Engine:
         self.sha256 = sha256
         self.n_ctx: int = int(llm.n_ctx())
         self._formatter = _formatter(llm)
+        self._prefix_formatter = _formatter(llm, add_generation_prompt=False)
+        self.prefix_cache = True
         self._eog = _eog_check(llm)
         import llama_cpp
 
@@ -139,20 +147,51 @@ class Engine:
             raise ContextOverflowError(
                 f"the prompt is {len(prompt)} tokens and the context holds {self.n_ctx}: shorten the input")
         max_tokens = min(sampling.max_tokens, room)
+        prefix = self._prefix(messages, prompt)
         with self._lock:
-            return self._run(prompt, sampling, max_tokens, on_text, cancel, deadline)
+            return self._run(prompt, prefix, sampling, max_tokens, on_text, cancel, deadline)
 
-    def _run(self, prompt: list[int], sampling: Sampling, max_tokens: int,
+    def _prefix(self, messages: Sequence[Message], prompt: list[int]) -> list[int]:
+        """Tokens of everything before the last message, if they are exactly the start of ``prompt``."""
+        if len(messages) < 2:
+            return []
+        head = self.tokenize(str(self._prefix_formatter(messages=list(messages[:-1])).prompt))
+        return head if 0 < len(head) < len(prompt) and prompt[: len(head)] == head else []
+
+    def choose(self, messages: Sequence[Message], options: Sequence[str], seed: int = 1) -> str:
+        """The option the model picks after ``messages``, decoding greedily under a GBNF grammar of the options."""
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        alternatives = " | ".join('"' + o.replace("\\", "\\\\").replace('"', '\\"') + '"' for o in options)
+        grammar = LlamaGrammar.from_string(f"root ::= {alternatives}", verbose=False)
+        prompt = self.tokenize(self.render(messages))
+        if len(prompt) >= self.n_ctx:
+            raise ContextOverflowError(f"the prompt is {len(prompt)} tokens and the context holds {self.n_ctx}")
+        with self._lock:
+            self._llm.set_seed(seed)
+            self._llm.reset()
+            out = self._llm.create_completion(prompt, max_tokens=max(len(o) for o in options), temperature=0.0,
+                                              grammar=grammar)
+        return str(out["choices"][0]["text"]).strip()
+
+    def _run(self, prompt: list[int], prefix: list[int], sampling: Sampling, max_tokens: int,
              on_text: Callable[[str], None] | None, cancel: threading.Event | None,
              deadline: float | None) -> Generation:
         llm = self._llm
         llm.set_seed(sampling.seed)
-        llm.reset()  # evaluate the whole prompt from token 0: no answer depends on an earlier request
+        t0 = time.monotonic()
+        n = len(prefix)
+        cached = bool(n and self.prefix_cache and llm.n_tokens >= n and list(llm.input_ids[:n]) == prefix)
+        if cached:
+            llm.n_tokens = n  # keep the prefix's KV cells; generate() drops the rest and evaluates the user's turn
+        else:
+            llm.reset()
+            if n:
+                llm.eval(prefix)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
         count = 0
         finish: FinishReason = "length"
-        t0 = time.monotonic()
         first = 0.0
         gen = llm.generate(prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
                            temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty, reset=True)
@@ -192,10 +231,45 @@ class Engine:
             finish_reason=finish,
             first_token_ms=((first or end) - t0) * 1000,
             total_ms=(end - t0) * 1000,
+            prefix_cached=cached,
         )
 
 
-def _formatter(llm: Any) -> Any:
+class Embedder:
+    """Unit-length sentence embeddings from the same GGUF file (a second, small llama.cpp context, mean of tokens).
+
+    The weights are memory-mapped once by the kernel for both contexts; this one adds a 512-token KV cache.
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str, n_threads: int) -> Embedder:
+        """Open ``path`` for embeddings."""
+        import llama_cpp
+
+        # Pooling is left to the model's default (none for chat models: one vector per token) and done here:
+        # asking llama.cpp for mean pooling on such a model makes it print a warning on every load.
+        llm = llama_cpp.Llama(model_path=path, embedding=True, n_ctx=512, n_batch=512, n_ubatch=512,
+                              n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+        return cls(llm)
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        """One row per text, each of unit length."""
+        import numpy as np
+
+        rows = []
+        with self._lock:
+            for text in texts:
+                out = np.asarray(self._llm.embed(text[:2000], normalize=False, truncate=True), dtype=np.float32)
+                vec = out.mean(axis=0) if out.ndim == 2 else out
+                rows.append(vec / max(float(np.linalg.norm(vec)), 1e-12))
+        return np.asarray(rows, dtype=np.float32)
+
+
+def _formatter(llm: Any, add_generation_prompt: bool = True) -> Any:
     from llama_cpp import llama_chat_format
 
     template = llm.metadata.get("tokenizer.chat_template")
@@ -208,7 +282,8 @@ def _formatter(llm: Any) -> Any:
         return llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
 
     return llama_chat_format.Jinja2ChatFormatter(
-        template=template, eos_token=text(llm.token_eos()), bos_token=text(llm.token_bos()))
+        template=template, eos_token=text(llm.token_eos()), bos_token=text(llm.token_bos()),
+        add_generation_prompt=add_generation_prompt)
 
 
 def _eog_check(llm: Any) -> Callable[[int], bool]:
