@@ -34,6 +34,20 @@ def test_same_request_same_bytes_whatever_was_asked_before(pipeline: Pipeline) -
     assert first.provenance["seed"] == 1234
 
 
+def test_prefix_cache_cold_and_warm_give_the_same_bytes(pipeline: Pipeline) -> None:
+    pipeline.handle(Request(text="Guten Morgen", persona="translator", max_tokens=5))  # evicts the factory prefix
+    cold = pipeline.handle(Request(text=Q, max_tokens=40))
+    warm = pipeline.handle(Request(text=Q, max_tokens=40))
+    other = pipeline.handle(Request(text="How do I clean the chip tray?", max_tokens=40))
+    assert cold.usage is not None and warm.usage is not None and other.usage is not None
+    assert (cold.usage.prefix_cached, warm.usage.prefix_cached, other.usage.prefix_cached) == (False, True, True)
+    assert cold.text == warm.text
+    pipeline.handle(Request(text="Guten Morgen", persona="translator", max_tokens=5))
+    other_cold = pipeline.handle(Request(text="How do I clean the chip tray?", max_tokens=40))
+    assert other_cold.usage is not None and not other_cold.usage.prefix_cached
+    assert other_cold.text == other.text
+
+
 def test_sampled_request_repeats_with_fixed_seed(pipeline: Pipeline) -> None:
     req = Request(text="Name three coolant types.", temperature=0.3, max_tokens=30)
     a = pipeline.handle(req)

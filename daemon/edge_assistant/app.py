@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .engine import Engine
+from .engine import Embedder, Engine
 from .errors import ModelMissingError
 from .hardware import HardwareInfo, detect
 from .models import ModelChoice, choose, expected_sha256, inspect, scan, verify
@@ -65,6 +65,14 @@ def load(config: Config, the_plan: Plan) -> tuple[Engine, Pipeline]:
     path = the_plan.choice.info.path
     sha = verify(path, expected_sha256(path, config.model.sha256))
     engine = Engine.load(the_plan.choice, the_plan.settings, sha)
+    embedder = load_embedder(config, the_plan)
     pipeline = Pipeline(config, engine, profile=the_plan.settings.profile,
-                        quantization=the_plan.choice.info.quantization, model_file=path.name)
+                        quantization=the_plan.choice.info.quantization, model_file=path.name, embedder=embedder)
     return engine, pipeline
+
+
+def load_embedder(config: Config, the_plan: Plan) -> Embedder | None:
+    """An embedding context on the chosen model, when a persona's guard uses embeddings."""
+    needed = any(p.guard.relevance == "embedding" and p.guard.strictness != "off" and p.guard.on_topic
+                 for p in config.personas.values())
+    return Embedder.load(str(the_plan.choice.info.path), the_plan.settings.n_threads) if needed else None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .guard import GuardConfig
 from .profiles import ProfileOverrides
 from .tomlconf import build, digest, load_toml, merge
 
@@ -83,6 +84,8 @@ class PersonaConfig:
     """Decoding settings."""
     max_input_chars: int = 1000
     """Longer user text is refused before it reaches the model."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Topic restriction: what to answer and what to refuse."""
 
     def __post_init__(self) -> None:
         if not self.system_prompt.strip():

@@ -1,14 +1,16 @@
 """Prompt assembly: a persona's system prompt and examples, then the user's text, each in its own role.
 
-User text never joins the system prompt. In ``translate`` mode the text is quoted as data between markers, and
-the markers themselves are neutralised inside the text, so text that says "ignore the above" is translated, not
-obeyed.
+User text never joins the system prompt, and chat-template markers in it are broken so that they tokenize as
+text, never as the special tokens that open a new turn. In ``translate`` mode the text is quoted as data between
+markers, and the markers themselves are neutralised inside the text, so text that says "ignore the above" is
+translated, not obeyed.
 """
 
 from __future__ import annotations
 
 from .config import PersonaConfig
 from .engine import Message
+from .guard import neutralize_markers
 
 LANGUAGES = {"en": "English", "ko": "Korean", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian",
              "ja": "Japanese", "zh": "Chinese", "pt": "Portuguese", "nl": "Dutch", "pl": "Polish"}
@@ -40,5 +42,5 @@ def build_messages(persona: PersonaConfig, text: str) -> list[Message]:
     for ex in persona.examples:
         messages.append({"role": "user", "content": user_content(persona, ex.user)})
         messages.append({"role": "assistant", "content": ex.assistant})
-    messages.append({"role": "user", "content": user_content(persona, text)})
+    messages.append({"role": "user", "content": user_content(persona, neutralize_markers(text))})
     return messages

@@ -102,7 +102,7 @@ class PlcGateway:
         values["gateway"] = quote_field(gateway)
         text = route.template.format(**values)
         rid = str(fields.get("id", "")) or f"{gateway}:{key[1]}:{int(now * 1000)}"
-        request = Request(text=text, persona=route.persona, id=rid, max_tokens=route.max_tokens)
+        request = Request(text=text, persona=route.persona, id=rid, max_tokens=route.max_tokens, quoted=True)
         return PlcResult(Incoming(request, reply_topic, None, f"plc|{rid}"), "", reply_topic)
 
     def _fields(self, route: PlcRoute, payload: bytes) -> dict[str, object]:

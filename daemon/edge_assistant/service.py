@@ -229,10 +229,11 @@ class Daemon:
                     engine, _ = app.load(new, plan)
                 self.plan = plan
                 self.pipeline.engine = engine
+                self.pipeline.embedder = app.load_embedder(new, plan)
                 self.pipeline.quantization = plan.choice.info.quantization
                 self.pipeline.model_file = plan.choice.info.path.name
                 self.pipeline.profile = plan.settings.profile
-            self.pipeline.config = new
+            self.pipeline.set_config(new)
             self.config = new
             if self.mqtt is not None:
                 if replace(new.mqtt) != replace(old.mqtt) or new.device != old.device or new.plc != old.plc:
