@@ -400,6 +400,7 @@ def test_fuzz_payloads_daemon_keeps_answering(broker: Broker, fuzz_daemon: Daemo
     replies = client.on("edge/fz1/reply/f")
     assert replies, "no fuzz request was answered at all"
     codes = {m.json().get("error", {}).get("code") for m in replies if m.json().get("done")}
-    assert codes <= {None, "bad_request", "busy", "unknown_persona", "payload_too_large", "forbidden_topic"}
+    assert codes <= {None, "bad_request", "busy", "unknown_persona", "payload_too_large", "forbidden_topic",
+                     "off_topic", "injection", "role_markers", "prompt_leak"}
     assert "Traceback" not in fuzz_daemon.text()
     client.close()
