@@ -15,6 +15,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .errors import EdgeError
+from .mqtt import no_delay
 
 
 class AskError(EdgeError):
@@ -38,6 +39,7 @@ def ask(host: str, port: int, request_topic: str, reply_topic: str, body: dict[s
             result["error"] = f"broker refused the connection: {reason}"
             done.set()
             return
+        no_delay(client)
         client.subscribe([(reply_topic, SubscribeOptions(qos=1))])
 
     def on_subscribe(_c: paho.Client, _u: Any, _mid: int, _codes: Any, _p: Any) -> None:

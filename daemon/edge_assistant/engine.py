@@ -89,6 +89,7 @@ class Engine:
         self.n_ctx: int = int(llm.n_ctx())
         self._formatter = _formatter(llm)
         self._prefix_formatter = _formatter(llm, add_generation_prompt=False)
+        self._prefix_tokens: dict[tuple[tuple[str, str], ...], list[int]] = {}
         self.prefix_cache = True
         self._eog = _eog_check(llm)
         import llama_cpp
@@ -155,7 +156,13 @@ class Engine:
         """Tokens of everything before the last message, if they are exactly the start of ``prompt``."""
         if len(messages) < 2:
             return []
-        head = self.tokenize(str(self._prefix_formatter(messages=list(messages[:-1])).prompt))
+        key = tuple((m["role"], m["content"]) for m in messages[:-1])
+        head = self._prefix_tokens.get(key)
+        if head is None:
+            head = self.tokenize(str(self._prefix_formatter(messages=list(messages[:-1])).prompt))
+            if len(self._prefix_tokens) >= 16:
+                self._prefix_tokens.pop(next(iter(self._prefix_tokens)))
+            self._prefix_tokens[key] = head
         return head if 0 < len(head) < len(prompt) and prompt[: len(head)] == head else []
 
     def choose(self, messages: Sequence[Message], options: Sequence[str], seed: int = 1) -> str:

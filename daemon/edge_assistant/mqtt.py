@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
@@ -79,6 +80,7 @@ class MqttService:
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._cancel_current = threading.Event()
+        self.on_listen: Callable[[], None] | None = None
         self._worker: threading.Thread | None = None
         self._health_thread: threading.Thread | None = None
         self.client = self._make_client()
@@ -147,6 +149,7 @@ class MqttService:
                 else:
                     log.warning("broker refused the connection: %s; retrying", reason)
                 return
+            no_delay(client)
             if properties is not None and hasattr(properties, "MaximumPacketSize"):
                 self._max_packet = min(self.config.mqtt.max_reply_bytes, int(properties.MaximumPacketSize) - 1024)
             log.info("connected to %s:%d (session present: %s)", self.config.mqtt.host, self.config.mqtt.port,
@@ -211,6 +214,9 @@ class MqttService:
         if command == "cancel":
             log.info("control: cancelling the current generation")
             self._cancel_current.set()
+        elif command == "listen" and self.on_listen is not None:
+            log.info("control: push-to-talk")
+            self.on_listen()
         else:
             log.warning("control: unknown command %r", command[:40])
 
@@ -327,6 +333,10 @@ class MqttService:
         self.client.publish(self.topics.answer, protocol.answer_payload(reply, self._max_packet), qos=1,
                             retain=True)
 
+    def publish_voice(self, kind: str, data: dict[str, Any]) -> None:
+        """A voice event (wake, partial, final, answer, barge_in) on ``<prefix>/<device>/voice/<kind>``."""
+        self.client.publish(f"{self.topics.base}/voice/{kind}", json.dumps(data, ensure_ascii=False), qos=0)
+
     def cancel_current(self) -> None:
         """Stop the running generation at the next token."""
         self._cancel_current.set()
@@ -382,6 +392,20 @@ class MqttService:
                 log.warning("offline status not confirmed: %s", exc)
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def no_delay(client: paho.Client) -> None:
+    """Turn off Nagle's algorithm on the client's socket (paho leaves it on).
+
+    With it on, a small publish waits for the ACK of the previous segment, and the peer delays ACKs by up to
+    40 ms: every request and every streamed chunk could wait that long.
+    """
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too; WebSocket transports are not
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # e.g. a Unix-socket transport
+            log.debug("TCP_NODELAY not set: %s", exc)
 
 
 def _password(path: str, env: str) -> str | None:
