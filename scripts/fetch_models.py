@@ -79,7 +79,6 @@ def fetch(artifact: Artifact, model_dir: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", default=os.environ.get("EDGE_ASSISTANT_MODEL_DIR", str(ROOT / "models")))
-    parser.add_argument("--voice", action="store_true", help="also fetch the voice models")
     args = parser.parse_args()
     fetch(DEFAULT_MODEL, Path(args.model_dir))
     return 0

@@ -65,14 +65,22 @@ def load(config: Config, the_plan: Plan) -> tuple[Engine, Pipeline]:
     path = the_plan.choice.info.path
     sha = verify(path, expected_sha256(path, config.model.sha256))
     engine = Engine.load(the_plan.choice, the_plan.settings, sha)
-    embedder = load_embedder(config, the_plan)
+    embedder = load_embedder(config, the_plan, sha)
     pipeline = Pipeline(config, engine, profile=the_plan.settings.profile,
                         quantization=the_plan.choice.info.quantization, model_file=path.name, embedder=embedder)
     return engine, pipeline
 
 
-def load_embedder(config: Config, the_plan: Plan) -> Embedder | None:
-    """An embedding context on the chosen model, when a persona's guard uses embeddings."""
+def load_embedder(config: Config, the_plan: Plan, sha256: str) -> Embedder | None:
+    """An embedding context on the chosen model, when a persona's guard uses embeddings.
+
+    The guard examples' embeddings are kept beside the model, named by its SHA-256, so a restart does not
+    embed them again.
+    """
     needed = any(p.guard.relevance == "embedding" and p.guard.strictness != "off" and p.guard.on_topic
                  for p in config.personas.values())
-    return Embedder.load(str(the_plan.choice.info.path), the_plan.settings.n_threads) if needed else None
+    if not needed:
+        return None
+    path = the_plan.choice.info.path
+    cache = path.with_name(f".{path.name}.{sha256[:16]}.embeddings.npz")
+    return Embedder.load(str(path), the_plan.settings.n_threads, cache)

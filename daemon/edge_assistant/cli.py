@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -164,6 +165,37 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0 if reply.get("status") == "ok" else 1
 
 
+def cmd_listen(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .voice import VoiceLoop, WavSink, WavSource
+
+    config = _config(args)
+    voice = replace(config.voice, enabled=True, activation=args.activation, wake_phrase=args.wake or "",
+                    persona=args.persona or config.voice.persona, input="wav", input_path=args.wav,
+                    output="wav", output_path=args.out)
+    plan = app.plan(config, voice=True)
+    _engine, pipeline = app.load(config, plan)
+    events: list[dict[str, Any]] = []
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        if kind != "partial":
+            events.append({"event": kind, **data})
+            if not args.json:
+                print(f"{kind}: {data}", flush=True)
+
+    loop = VoiceLoop(voice, pipeline, WavSource(Path(args.wav), realtime=args.realtime),
+                     WavSink(Path(args.out), realtime=args.realtime), on_event)
+    t0 = time.monotonic()
+    loop.run()
+    wall = time.monotonic() - t0
+    if args.json:
+        print(json.dumps({"events": events, "timings": loop.timings, "wall_s": wall,
+                          "synthesis_s": loop.speaker.synth_s, "audio_out_s": loop.speaker.audio_s},
+                         ensure_ascii=False, indent=2))
+    return 0 if loop.replies and all(r.status == "ok" for r in loop.replies) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-assistant", description=__doc__)
     parser.add_argument("--config", help="config file (default: $EDGE_ASSISTANT_CONFIG or "
@@ -209,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true", help="print the whole reply as JSON")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("listen", help="voice from a WAV file: recognize, answer, speak into a WAV file")
+    p.add_argument("--wav", required=True, help="speech to recognize")
+    p.add_argument("--out", required=True, help="where the spoken answer goes")
+    p.add_argument("--persona", help="persona (its languages pick the Vosk model and the Piper voice)")
+    p.add_argument("--activation", default="always", choices=["always", "wake"])
+    p.add_argument("--wake", help="wake phrase (activation 'wake'; also barge-in)")
+    p.add_argument("--realtime", action="store_true", help="pace input and output like a microphone and speaker")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_listen)
     return parser
 
 

@@ -248,6 +248,52 @@ class PlcRoute:
 
 
 @dataclass(frozen=True)
+class VoiceConfig:
+    """Local voice (``[voice]``): where audio comes from and goes, how listening starts, which models."""
+
+    enabled: bool = False
+    """Run the voice loop beside MQTT."""
+    input: Literal["device", "wav", "pipe"] = "device"
+    """A capture device (PortAudio), a WAV file, or raw mono 16-bit PCM from a pipe."""
+    input_path: str = ""
+    """The WAV file or pipe (``-`` for standard input)."""
+    input_rate: int = 16000
+    """Sample rate of a raw PCM pipe."""
+    input_realtime: bool = False
+    """Pace a WAV input like a microphone (demos and tests)."""
+    input_device: str = ""
+    """Capture device name or index; empty: the default."""
+    output: Literal["device", "wav", "pipe"] = "device"
+    """A playback device, a WAV file, or raw PCM to a pipe."""
+    output_path: str = ""
+    """The WAV file or pipe (``-`` for standard output)."""
+    output_device: str = ""
+    """Playback device name or index; empty: the default."""
+    activation: Literal["wake", "push_to_talk", "always"] = "wake"
+    """Listen after the wake phrase, after an MQTT ``listen`` command, or all the time."""
+    wake_phrase: str = ""
+    """Words of the recognizer's language; also the barge-in phrase."""
+    wake_distractors: tuple[str, ...] = ()
+    """Other words for the wake grammar to absorb speech that is not the phrase; empty: built-in per language."""
+    persona: str = ""
+    """Persona for spoken requests; empty: the default persona. Its languages pick the models."""
+    vosk_models: dict[str, str] = field(default_factory=dict)
+    """Language code to Vosk model directory; default: the bundled Korean model for ``ko``."""
+    piper_voices: dict[str, str] = field(default_factory=dict)
+    """Language code to Piper ``.onnx`` voice; default: the bundled en_US-joe-medium for ``en``."""
+
+    def __post_init__(self) -> None:
+        if self.enabled and self.activation == "wake" and not self.wake_phrase.strip():
+            raise ValueError("wake_phrase: required when activation is 'wake'")
+        if self.enabled and self.input in ("wav", "pipe") and not self.input_path:
+            raise ValueError(f"input_path: required for input = {self.input!r}")
+        if self.enabled and self.output in ("wav", "pipe") and not self.output_path:
+            raise ValueError(f"output_path: required for output = {self.output!r}")
+        if not 8000 <= self.input_rate <= 192000:
+            raise ValueError("input_rate: 8000 to 192000")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -267,6 +313,8 @@ class Config:
     """Broker and topics."""
     plc: tuple[PlcRoute, ...] = ()
     """PLC alarm routes (``[[plc]]`` tables)."""
+    voice: VoiceConfig = field(default_factory=VoiceConfig)
+    """Local voice."""
 
     def __post_init__(self) -> None:
         if not self.personas:
@@ -280,6 +328,8 @@ class Config:
         for i, route in enumerate(self.plc):
             if route.persona not in self.personas:
                 raise ValueError(f"plc[{i}].persona: {route.persona!r} is not among the personas")
+        if self.voice.persona and self.voice.persona not in self.personas:
+            raise ValueError(f"voice.persona: {self.voice.persona!r} is not among the personas")
         if self.device_id and not self.device_id.replace("-", "").replace("_", "").isalnum():
             raise ValueError("device_id: letters, digits, '-' and '_' only (it is a topic level)")
 

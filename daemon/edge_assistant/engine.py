@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ContextOverflowError, ModelCorruptError
@@ -248,32 +249,66 @@ class Embedder:
     The weights are memory-mapped once by the kernel for both contexts; this one adds a 512-token KV cache.
     """
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any, cache: Path | None = None) -> None:
         self._llm = llm
         self._lock = threading.Lock()
+        self._cache_path = cache
+        self._cache: dict[str, Any] = {}
+        if cache is not None and cache.is_file():
+            import numpy as np
+
+            try:
+                with np.load(cache) as data:
+                    self._cache = {str(k): v for k, v in zip(data["texts"], data["vectors"], strict=True)}
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("ignoring the embedding cache %s: %s", cache, exc)
 
     @classmethod
-    def load(cls, path: str, n_threads: int) -> Embedder:
-        """Open ``path`` for embeddings."""
+    def load(cls, path: str, n_threads: int, cache: Path | None = None) -> Embedder:
+        """Open ``path`` for embeddings; ``cache`` keeps remembered embeddings across restarts."""
         import llama_cpp
 
         # Pooling is left to the model's default (none for chat models: one vector per token) and done here:
         # asking llama.cpp for mean pooling on such a model makes it print a warning on every load.
         llm = llama_cpp.Llama(model_path=path, embedding=True, n_ctx=512, n_batch=512, n_ubatch=512,
                               n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
-        return cls(llm)
+        return cls(llm, cache)
 
-    def embed(self, texts: Sequence[str]) -> Any:
-        """One row per text, each of unit length."""
+    def embed(self, texts: Sequence[str], remember: bool = False) -> Any:
+        """One row per text, each of unit length; ``remember`` keeps them in the cache file (guard examples).
+
+        Texts are embedded one at a time: llama-cpp-python's batched ``embed`` of several texts gave vectors
+        far from the one-at-a-time ones with this model.
+        """
         import numpy as np
 
         rows = []
+        new = 0
         with self._lock:
             for text in texts:
-                out = np.asarray(self._llm.embed(text[:2000], normalize=False, truncate=True), dtype=np.float32)
-                vec = out.mean(axis=0) if out.ndim == 2 else out
-                rows.append(vec / max(float(np.linalg.norm(vec)), 1e-12))
+                vec = self._cache.get(text)
+                if vec is None:
+                    out = np.asarray(self._llm.embed(text[:2000], normalize=False, truncate=True), dtype=np.float32)
+                    vec = out.mean(axis=0) if out.ndim == 2 else out
+                    vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
+                    if remember:
+                        self._cache[text] = vec
+                        new += 1
+                rows.append(vec)
+            if new and self._cache_path is not None:
+                self._save()
         return np.asarray(rows, dtype=np.float32)
+
+    def _save(self) -> None:
+        import numpy as np
+
+        assert self._cache_path is not None
+        tmp = self._cache_path.with_name(self._cache_path.name + ".tmp.npz")
+        try:
+            np.savez(tmp, texts=np.array(list(self._cache)), vectors=np.array(list(self._cache.values())))
+            tmp.replace(self._cache_path)
+        except OSError as exc:  # a read-only model directory: embed again next time
+            log.warning("cannot write the embedding cache %s: %s", self._cache_path, exc)
 
 
 def _formatter(llm: Any, add_generation_prompt: bool = True) -> Any:

@@ -111,7 +111,7 @@ ALLOW = Verdict(True)
 class Embedder(Protocol):
     """Unit-length embeddings of texts."""
 
-    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
+    def embed(self, texts: Sequence[str], remember: bool = False) -> npt.NDArray[np.float32]: ...
 
 
 @runtime_checkable
@@ -176,8 +176,8 @@ class Relevance:
     def __post_init__(self) -> None:
         if self.embedder is not None and self.cfg.relevance == "embedding" and self.cfg.on_topic:
             t0 = time.monotonic()
-            self._on = self.embedder.embed(self.cfg.on_topic)
-            self._off = self.embedder.embed(self.cfg.off_topic)
+            self._on = self.embedder.embed(self.cfg.on_topic, remember=True)
+            self._off = self.embedder.embed(self.cfg.off_topic, remember=True)
             log.info("relevance examples embedded (%d on, %d off) in %.0f ms", len(self.cfg.on_topic),
                      len(self.cfg.off_topic), (time.monotonic() - t0) * 1000)
 

@@ -145,6 +145,8 @@ class Daemon:
         self._reload = threading.Event()
         self.mqtt: MqttService | None = None
         self.plan: app.Plan | None = None
+        self.voice: Any = None
+        self.voice_error = ""
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -158,28 +160,68 @@ class Daemon:
             signal.signal(sig, self._signal)
         n = self.notifier
         n.status("detecting hardware and choosing a model")
-        self.plan = app.plan(self.config)
+        self.plan = app.plan(self.config, voice=self.config.voice.enabled)
         choice = self.plan.choice
         n.status(f"loading {choice.info.path.name} ({choice.info.quantization}, profile {self.plan.settings.profile})")
         with _Extender(n):
             _engine, pipeline = app.load(self.config, self.plan)
         self.pipeline = pipeline
+        voice = self._make_voice()  # before the broker: 'online' means every door is open
         if self.config.mqtt.enabled:
             n.status(f"connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
             self.mqtt = MqttService(self.config, pipeline, model=choice.info.path.name,
                                     profile=self.plan.settings.profile)
             with _Extender(n):
                 self.mqtt.start(wait_s=60.0)
+        self._start_voice(voice)
         n.send("READY=1")
         n.status(self._serving_status())
         return self._loop()
+
+    def _make_voice(self) -> Any:
+        """The voice loop, models loaded; a missing device or model disables voice, nothing else."""
+        if not self.config.voice.enabled:
+            return None
+        from .voice import VoiceError, VoiceLoop, open_sink, open_source
+
+        self.notifier.status("loading the voice models")
+        try:
+            with _Extender(self.notifier):
+                return VoiceLoop(self.config.voice, self.pipeline, open_source(self.config.voice),
+                                 open_sink(self.config.voice), self._voice_event)
+        except VoiceError as exc:
+            log.error("voice is off: %s; MQTT keeps serving", exc.message)
+            self.voice_error = exc.message
+            return None
+
+    def _voice_event(self, kind: str, data: dict[str, Any]) -> None:
+        if self.mqtt is not None:
+            self.mqtt.publish_voice(kind, data)
+
+    def _start_voice(self, loop: Any) -> None:
+        """Run the voice loop on its own thread and take push-to-talk commands from MQTT."""
+        if loop is None:
+            return
+        if self.mqtt is not None:
+            self.mqtt.on_listen = loop.push_to_talk
+        self.voice = loop
+        threading.Thread(target=self._run_voice, args=(loop,), name="voice", daemon=True).start()
+
+    def _run_voice(self, loop: Any) -> None:
+        try:
+            loop.run()
+            log.info("voice input ended")
+        except Exception:
+            log.exception("the voice loop failed; MQTT keeps serving")
 
     def _serving_status(self) -> str:
         assert self.plan is not None
         where = (f"on {self.config.mqtt.host}:{self.config.mqtt.port} as {self.config.mqtt.prefix}/"
                  f"{self.config.device}" if self.mqtt else "without MQTT")
+        voice = ("; voice on" if self.voice is not None else f"; voice off: {self.voice_error}" if self.voice_error
+                 else "")
         return (f"serving {self.plan.choice.info.path.name} with profile {self.plan.settings.profile} "
-                f"({self.plan.settings.n_threads} threads) {where}")
+                f"({self.plan.settings.n_threads} threads) {where}{voice}")
 
     def healthy(self) -> bool:
         """False when a generation has made no progress for longer than the stall bound."""
@@ -210,6 +252,8 @@ class Daemon:
                 n.status("generation stalled: waiting for the watchdog")
         n.send("STOPPING=1")
         n.status("stopping: finishing the current request")
+        if self.voice is not None:
+            self.voice.stop()
         if self.mqtt is not None:
             self.mqtt.stop(grace_s=self.config.limits.stop_grace_s)
         log.info("stopped")
@@ -229,7 +273,7 @@ class Daemon:
                     engine, _ = app.load(new, plan)
                 self.plan = plan
                 self.pipeline.engine = engine
-                self.pipeline.embedder = app.load_embedder(new, plan)
+                self.pipeline.embedder = app.load_embedder(new, plan, engine.sha256)
                 self.pipeline.quantization = plan.choice.info.quantization
                 self.pipeline.model_file = plan.choice.info.path.name
                 self.pipeline.profile = plan.settings.profile
