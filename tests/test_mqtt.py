@@ -3,8 +3,10 @@ and clients nobody here wrote (mosquitto_rr, mosquitto_pub, mosquitto_sub)."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mqttkit import USERS, Broker, Client, DaemonProcess, running, write_config
+from conftest import DEFAULT_MODEL
+from mqttkit import USERS, Broker, Client, DaemonProcess, free_port, running, write_config
 
 pytestmark = pytest.mark.broker
 
@@ -404,3 +407,62 @@ def test_fuzz_payloads_daemon_keeps_answering(broker: Broker, fuzz_daemon: Daemo
                      "off_topic", "injection", "role_markers", "prompt_leak"}
     assert "Traceback" not in fuzz_daemon.text()
     client.close()
+
+
+def _certs(d: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca", "-keyout", "ca.key",
+        "-out", "ca.crt")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days",
+            "2", "-out", f"{name}.crt", "-extfile", "san.ext")
+    return {n: d / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
+def test_tls_with_client_certificate(tmp_path: Path) -> None:
+    """A broker that takes only TLS with client certificates; the daemon connects with its CA and certificate."""
+    certs = _certs(tmp_path)
+    port = free_port()
+    conf = tmp_path / "tls.conf"
+    conf.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+                    f"cafile {certs['ca.crt']}\ncertfile {certs['server.crt']}\nkeyfile {certs['server.key']}\n"
+                    "require_certificate true\n")
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'device_id = "tls1"\n[model]\ndir = "{DEFAULT_MODEL.parent}"\n[mqtt]\nport = {port}\n'
+                   f'tls = true\nca_file = "{certs["ca.crt"]}"\ncert_file = "{certs["client.crt"]}"\n'
+                   f'key_file = "{certs["client.key"]}"\n')
+    d = DaemonProcess(cfg).start()
+    try:
+        while "connected to 127.0.0.1" not in d.text():
+            assert d.proc is not None and d.proc.poll() is None, d.text()
+            assert time.monotonic() < deadline + 60, d.text()
+            time.sleep(0.1)
+        tls = ["--cafile", str(certs["ca.crt"]), "--cert", str(certs["client.crt"]), "--key",
+               str(certs["client.key"])]
+        out = subprocess.run(["mosquitto_rr", "-h", "127.0.0.1", "-p", str(port), *tls, "-V", "5", "-t",
+                              "edge/tls1/request", "-e", "edge/tls1/reply/t", "-m", "What is a collet?", "-W", "60"],
+                             capture_output=True, text=True, timeout=90, check=False)
+        assert out.returncode == 0, out.stderr + d.text()[-2000:]
+        assert json.loads(out.stdout)["status"] == "ok"
+        # Without a client certificate the broker refuses the connection.
+        bare = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "--cafile", str(certs["ca.crt"]),
+                               "-t", "x", "-m", "y"], capture_output=True, text=True, timeout=30, check=False)
+        assert bare.returncode != 0
+    finally:
+        d.stop()
+        broker.terminate()
+        broker.wait(10)

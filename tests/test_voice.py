@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import wave
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from edge_assistant.pipeline import Pipeline, Request
 from edge_assistant.voice import (
     DeviceSink,
     DeviceSource,
+    PipeSource,
+    Recognizer,
     SentenceSplitter,
     Speaker,
     VoiceError,
@@ -28,6 +31,7 @@ from edge_assistant.voice import (
     WavSource,
     default_piper_voice,
     default_vosk_model,
+    load_vosk_model,
 )
 
 from conftest import ROOT
@@ -42,12 +46,12 @@ def say_ko(text: str, path: Path) -> Path:
     return path
 
 
-def samples(path: Path) -> tuple[np.ndarray, int]:  # type: ignore[type-arg]
+def samples(path: Path) -> tuple[np.ndarray, int]:
     with wave.open(str(path), "rb") as w:
         return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2"), w.getframerate()
 
 
-def concat(parts: list[Path | float], out: Path) -> Path:
+def concat(parts: Sequence[Path | float], out: Path) -> Path:
     """WAV files and seconds of silence, end to end, at the first file's rate."""
     rate = 0
     data = []
@@ -172,6 +176,24 @@ def test_barge_in_stops_playback_and_cancels(voice_config: Config, voice_pipelin
     played, rate = samples(tmp_path / "out.wav")
     spoken = len(played) / rate
     assert 0 < spoken < 8.0  # stopped: six sentences would take far longer
+
+
+def test_raw_pcm_pipe_input(speech: dict[str, Path], tmp_path: Path) -> None:
+    """Raw mono 16-bit PCM at 22050 Hz from a pipe, resampled to the recognizer's 16 kHz."""
+    audio, rate = samples(speech["question"])
+    model_dir = default_vosk_model("ko")
+    assert model_dir is not None
+    rec = Recognizer(load_vosk_model(model_dir), 16000)
+    producer = subprocess.Popen(["cat", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert producer.stdin is not None and producer.stdout is not None
+    producer.stdin.write(audio.tobytes() + bytes(rate * 2))  # the speech, then a second of silence
+    producer.stdin.close()
+    text = ""
+    for pcm in PipeSource(producer.stdout, rate).chunks():
+        text += rec.feed(pcm)[1]
+    text += rec.flush()
+    producer.wait(10)
+    assert HANGUL.search(text), text
 
 
 def test_missing_devices_are_clear_errors() -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 
@@ -169,7 +169,7 @@ class WavSource:
 class PipeSource:
     """Raw mono 16-bit PCM from a pipe or file (``-`` is standard input) at ``rate_in``."""
 
-    stream: BinaryIO
+    stream: IO[bytes]
     rate_in: int
     rate: int = RECOGNIZER_RATE
 
@@ -332,7 +332,7 @@ class DeviceSink:
 class PipeSink:
     """Raw 16-bit PCM to a pipe or file, at the voice's rate."""
 
-    stream: BinaryIO
+    stream: IO[bytes]
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def write(self, pcm: bytes, rate: int) -> None:
