@@ -22,17 +22,22 @@ from mqttkit import USERS, Broker, Client, DaemonProcess, free_port, running, wr
 pytestmark = pytest.mark.broker
 
 
-@pytest.fixture(scope="module")
-def shared_daemon(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    """One daemon for the tests that only ask questions."""
-    cfg = write_config(tmp_path_factory.mktemp("d") / "config.toml", broker, "dev1",
-                       '[limits]\nmax_payload_bytes = 4096\n')
+def module_daemon(broker: Broker, tmp_path_factory: pytest.TempPathFactory, device: str,
+                  extra: str) -> Iterator[DaemonProcess]:
+    """A daemon that serves a whole test module, started once it says it is online."""
+    cfg = write_config(tmp_path_factory.mktemp(device) / "config.toml", broker, device, extra)
     w = Client(broker)
-    w.subscribe("edge/dev1/status")
-    d = DaemonProcess(cfg).start(wait_online=w)
+    w.subscribe(f"edge/{device}/status")
+    d = DaemonProcess(cfg).start(wait_online=w, device=device)
     w.close()
     yield d
     d.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One daemon for the tests that only ask questions."""
+    yield from module_daemon(broker, tmp_path_factory, "dev1", "[limits]\nmax_payload_bytes = 4096\n")
 
 
 def rr(broker: Broker, topic: str, payload: str, version: str = "5", extra: tuple[str, ...] = ()) -> dict[str, object]:
@@ -110,6 +115,16 @@ def test_bad_input_gets_a_structured_error(broker: Broker, shared_daemon: Daemon
     assert reply["status"] == "error"
     assert isinstance(reply["error"], dict) and reply["error"]["code"] == code
     assert reply["error"]["message"]
+
+
+def test_v311_bad_request_error_goes_to_reply_to(broker: Broker, shared_daemon: DaemonProcess,
+                                                  watcher: Client) -> None:
+    watcher.subscribe("edge/dev1/reply/v3bad")
+    body = json.dumps({"text": "hi", "colour": "red", "id": "b1", "reply_to": "edge/dev1/reply/v3bad"})
+    subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-u", "client", "-P", USERS["client"], "-V", "311",
+                    "-q", "1", "-t", "edge/dev1/request", "-m", body], check=True, timeout=30)
+    (msg,) = watcher.wait_for("edge/dev1/reply/v3bad", timeout=30)
+    assert msg.json()["id"] == "b1" and msg.json()["error"]["code"] == "bad_request"
 
 
 def test_invalid_utf8_and_forbidden_topic_and_no_reply_topic(broker: Broker, shared_daemon: DaemonProcess,
@@ -345,14 +360,9 @@ def test_sigterm_answers_queued_with_shutting_down(broker: Broker, tmp_path: Pat
 
 @pytest.fixture(scope="module")
 def fuzz_daemon(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    cfg = write_config(tmp_path_factory.mktemp("fz") / "config.toml", broker, "fz1",
-                       "[limits]\nqueue_size = 2\nmax_tokens_ceiling = 2\nmax_payload_bytes = 2048\n")
-    w = Client(broker)
-    w.subscribe("edge/fz1/status")
-    d = DaemonProcess(cfg).start(wait_online=w, device="fz1")
-    w.close()
-    yield d
-    d.stop()
+    """A daemon with a tiny queue and one-token answers, so thousands of payloads pass quickly."""
+    yield from module_daemon(broker, tmp_path_factory, "fz1",
+                             "[limits]\nqueue_size = 2\nmax_tokens_ceiling = 2\nmax_payload_bytes = 2048\n")
 
 
 _fuzz_payloads = st.one_of(

@@ -14,7 +14,7 @@ from edge_assistant.errors import BadRequestError, ForbiddenTopicError, PayloadT
 from edge_assistant.jobqueue import PRIORITY_ALARM, PRIORITY_CHAT, JobQueue
 from edge_assistant.pipeline import ErrorInfo, Reply
 from edge_assistant.plc import PlcGateway, quote_field, topic_match
-from edge_assistant.protocol import Topics, answer_payload, parse, reply_payload
+from edge_assistant.protocol import Topics, answer_payload, parse, reply_payload, salvage
 
 T = Topics("edge", "dev1")
 
@@ -84,6 +84,17 @@ def test_parse_never_crashes(payload: bytes) -> None:
         assert exc.code in {"bad_request", "payload_too_large", "forbidden_topic"} and exc.message
         return
     assert isinstance(inc.request.text, str)
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    (b'{"text": "hi", "colour": 1, "reply_to": "edge/x/r", "id": 7}', ("edge/x/r", "7")),
+    (b'{"text": 5, "reply_to": "edge/x/r"}', ("edge/x/r", "")),
+    (b"{broken", ("", "")),
+    (b'["edge/x/r"]', ("", "")),
+    (b'{"reply_to": 3, "id": [1]}', ("", "")),
+])
+def test_salvage_reply_topic_of_a_refused_request(payload: bytes, expected: tuple[str, str]) -> None:
+    assert salvage(payload, 1000) == expected
 
 
 def test_reply_capped_below_packet_limit() -> None:

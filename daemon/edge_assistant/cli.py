@@ -123,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .service import run, setup_logging
 
-    setup_logging(args.log_level if args.log_level != "WARNING" else "INFO")
+    setup_logging(args.log_level or "INFO")
     path = Path(args.config) if args.config else config_path_from_env()
     config = _config(args)
     return run(config, path)
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-assistant", description=__doc__)
     parser.add_argument("--config", help="config file (default: $EDGE_ASSISTANT_CONFIG or "
                                          "/etc/edge-assistant/config.toml)")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default: INFO for run, else WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("detect", help="show the hardware, the matched profile and every setting with its reason")
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=(args.log_level or "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
     except EdgeError as exc:

@@ -231,14 +231,14 @@ class MqttService:
                                       correlation=bytes(correlation) if correlation else None)
         except RequestError as exc:
             # The reply topic may be the fault itself; send the error only where it is allowed to go.
-            topic = ""
+            body_reply_to, rid = protocol.salvage(bytes(msg.payload), self.config.limits.max_payload_bytes)
             try:
-                topic = protocol.check_reply_topic(response_topic, self.allowed_prefix)
+                topic = protocol.check_reply_topic(response_topic or body_reply_to, self.allowed_prefix)
             except RequestError:
                 topic = ""
             log.warning("bad request on %s: %s: %s", msg.topic, exc.code, exc.message)
             self._send(protocol.Incoming(Request(text=""), topic, bytes(correlation) if correlation else None, ""),
-                       error_reply("", exc))
+                       error_reply(rid, exc))
             return False
         expiry = getattr(props, "MessageExpiryInterval", None)
         job = Job(incoming, msg.mid, msg.qos, time.monotonic(),

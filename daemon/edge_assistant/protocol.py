@@ -155,6 +155,20 @@ def parse(topics: Topics, topic: str, payload: bytes, *, max_bytes: int, allowed
     return Incoming(request, reply_topic, correlation, key)
 
 
+def salvage(payload: bytes, max_bytes: int) -> tuple[str, str]:
+    """``(reply_to, id)`` from a request that was refused, where its JSON still says them (MQTT 3.1.1 clients)."""
+    if len(payload) > max_bytes:
+        return "", ""
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "", ""
+    if not isinstance(data, dict):
+        return "", ""
+    reply_to, rid = data.get("reply_to", ""), data.get("id", "")
+    return (reply_to if isinstance(reply_to, str) else "", str(rid) if isinstance(rid, str | int) else "")
+
+
 def _corr_text(correlation: bytes) -> str:
     try:
         return correlation.decode("utf-8")

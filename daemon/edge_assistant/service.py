@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -280,7 +279,7 @@ class Daemon:
             self.pipeline.set_config(new)
             self.config = new
             if self.mqtt is not None:
-                if replace(new.mqtt) != replace(old.mqtt) or new.device != old.device or new.plc != old.plc:
+                if new.mqtt != old.mqtt or new.device != old.device or new.plc != old.plc:
                     n.status("reloading: reconnecting with the new MQTT settings")
                     assert self.plan is not None
                     self.mqtt.stop(grace_s=self.config.limits.stop_grace_s, handover=True)
