@@ -73,8 +73,6 @@ class MqttService:
         self.queue: JobQueue[Job] = JobQueue(config.limits.queue_size)
         self.health = HealthSampler()
         self.plc = PlcGateway(config.plc)
-        self.busy = False
-        self.last_progress = time.monotonic()
         self.fatal: EdgeError | None = None
         self._max_packet = m.max_reply_bytes
         self._connected = threading.Event()
@@ -295,24 +293,17 @@ class MqttService:
             log.warning("request %s expired before it was served (MQTT message expiry); not answered",
                         inc.request.id or "-")
             return
-        self.busy = True
         self._cancel_current.clear()
-        self.last_progress = time.monotonic()
         seq = 0
 
         def on_text(piece: str) -> None:
             nonlocal seq
-            self.last_progress = time.monotonic()
             if inc.request.stream and inc.reply_topic:
                 seq += 1
                 self.client.publish(inc.reply_topic, protocol.chunk_payload(inc.request.id, seq, piece), qos=1,
                                     properties=self._props(inc.correlation))
 
-        try:
-            reply = self.pipeline.handle(inc.request, on_text=on_text, cancel=self._cancel_current)
-        finally:
-            self.busy = False
-            self.last_progress = time.monotonic()
+        reply = self.pipeline.handle(inc.request, on_text=on_text, cancel=self._cancel_current)
         self._send(inc, reply, job.publish, seq + 1 if inc.request.stream else None)
 
     def _props(self, correlation: bytes | None) -> Properties:
@@ -346,7 +337,7 @@ class MqttService:
     def health_payload(self) -> dict[str, Any]:
         """Machine and daemon health, as published on the health topic."""
         data = self.health.sample()
-        data.update({"queue_depth": len(self.queue), "busy": self.busy, "connected": self.connected,
+        data.update({"queue_depth": len(self.queue), "busy": self.pipeline.busy, "connected": self.connected,
                      "last_tokens_per_s": round(self.pipeline.last_tokens_per_s, 2), "model": self.model,
                      "quantization": self.pipeline.quantization, "profile": self.profile,
                      "device": self.config.device})

@@ -118,6 +118,10 @@ class Pipeline:
         self.model_file = model_file
         self.embedder = embedder
         self.last_tokens_per_s = 0.0
+        self.busy = False
+        """Whether a generation is running (for health and the busy sensor)."""
+        self.last_progress = time.monotonic()
+        """When a generation last moved (start, or a new piece of text): the watchdog's measure of progress."""
         self.config = config
         self.relevance = self._relevance(config)
 
@@ -162,6 +166,7 @@ class Pipeline:
 
             def watch(piece: str) -> None:
                 # The output check runs on what has been generated so far, before a piece is passed on.
+                self.last_progress = time.monotonic()
                 seen.append(piece)
                 out = check_output("".join(seen), persona.guard, persona.system_prompt)
                 if not out.allowed:
@@ -173,7 +178,11 @@ class Pipeline:
                 if cancel is not None and cancel.is_set():
                     stop.set()
 
-            gen = self.engine.generate(build_messages(persona, request.text), sampling, watch, stop, deadline)
+            self.busy, self.last_progress = True, time.monotonic()
+            try:
+                gen = self.engine.generate(build_messages(persona, request.text), sampling, watch, stop, deadline)
+            finally:
+                self.busy, self.last_progress = False, time.monotonic()
         except RequestError as exc:
             log.info("request %s refused with %s: %s", request.id or "-", exc.code, exc.message,
                      extra={"REQUEST_ID": request.id, "PERSONA": persona_name, "ERROR_CODE": exc.code})

@@ -18,12 +18,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import app
 from .config import Config, load_config
 from .errors import EdgeError
 from .mqtt import MqttService
+from .pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from .voice import VoiceLoop  # imported when voice is on: numpy and the audio stack stay unloaded otherwise
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +148,8 @@ class Daemon:
         self._reload = threading.Event()
         self.mqtt: MqttService | None = None
         self.plan: app.Plan | None = None
-        self.voice: Any = None
+        self.pipeline: Pipeline | None = None
+        self.voice: VoiceLoop | None = None
         self.voice_error = ""
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -165,7 +170,7 @@ class Daemon:
         with _Extender(n):
             _engine, pipeline = app.load(self.config, self.plan)
         self.pipeline = pipeline
-        voice = self._make_voice()  # before the broker: 'online' means every door is open
+        voice = self._make_voice(pipeline)  # before the broker: 'online' means every door is open
         if self.config.mqtt.enabled:
             n.status(f"connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
             self.mqtt = MqttService(self.config, pipeline, model=choice.info.path.name,
@@ -177,7 +182,7 @@ class Daemon:
         n.status(self._serving_status())
         return self._loop()
 
-    def _make_voice(self) -> Any:
+    def _make_voice(self, pipeline: Pipeline) -> VoiceLoop | None:
         """The voice loop, models loaded; a missing device or model disables voice, nothing else."""
         if not self.config.voice.enabled:
             return None
@@ -186,7 +191,7 @@ class Daemon:
         self.notifier.status("loading the voice models")
         try:
             with _Extender(self.notifier):
-                return VoiceLoop(self.config.voice, self.pipeline, open_source(self.config.voice),
+                return VoiceLoop(self.config.voice, pipeline, open_source(self.config.voice),
                                  open_sink(self.config.voice), self._voice_event)
         except VoiceError as exc:
             log.error("voice is off: %s; MQTT keeps serving", exc.message)
@@ -197,7 +202,7 @@ class Daemon:
         if self.mqtt is not None:
             self.mqtt.publish_voice(kind, data)
 
-    def _start_voice(self, loop: Any) -> None:
+    def _start_voice(self, loop: VoiceLoop | None) -> None:
         """Run the voice loop on its own thread and take push-to-talk commands from MQTT."""
         if loop is None:
             return
@@ -206,7 +211,7 @@ class Daemon:
         self.voice = loop
         threading.Thread(target=self._run_voice, args=(loop,), name="voice", daemon=True).start()
 
-    def _run_voice(self, loop: Any) -> None:
+    def _run_voice(self, loop: VoiceLoop) -> None:
         try:
             loop.run()
             log.info("voice input ended")
@@ -223,10 +228,9 @@ class Daemon:
                 f"({self.plan.settings.n_threads} threads) {where}{voice}")
 
     def healthy(self) -> bool:
-        """False when a generation has made no progress for longer than the stall bound."""
-        if self.mqtt is None:
-            return True
-        return not (self.mqtt.busy and time.monotonic() - self.mqtt.last_progress > self.stall_s)
+        """False when a generation (from MQTT or voice) has made no progress for longer than the stall bound."""
+        p = self.pipeline
+        return p is None or not (p.busy and time.monotonic() - p.last_progress > self.stall_s)
 
     def _loop(self) -> int:
         n = self.notifier
@@ -262,6 +266,8 @@ class Daemon:
         """Re-read the config: personas, limits and MQTT take effect; the model reloads only if it changed."""
         n = self.notifier
         n.send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        pipeline = self.pipeline
+        assert pipeline is not None, "reload before the model was loaded"
         try:
             new = load_config(self.config_path)
             old = self.config
@@ -271,19 +277,19 @@ class Daemon:
                 with _Extender(n):
                     engine, _ = app.load(new, plan)
                 self.plan = plan
-                self.pipeline.engine = engine
-                self.pipeline.embedder = app.load_embedder(new, plan, engine.sha256)
-                self.pipeline.quantization = plan.choice.info.quantization
-                self.pipeline.model_file = plan.choice.info.path.name
-                self.pipeline.profile = plan.settings.profile
-            self.pipeline.set_config(new)
+                pipeline.engine = engine
+                pipeline.embedder = app.load_embedder(new, plan, engine.sha256)
+                pipeline.quantization = plan.choice.info.quantization
+                pipeline.model_file = plan.choice.info.path.name
+                pipeline.profile = plan.settings.profile
+            pipeline.set_config(new)
             self.config = new
             if self.mqtt is not None:
                 if new.mqtt != old.mqtt or new.device != old.device or new.plc != old.plc:
                     n.status("reloading: reconnecting with the new MQTT settings")
                     assert self.plan is not None
                     self.mqtt.stop(grace_s=self.config.limits.stop_grace_s, handover=True)
-                    self.mqtt = MqttService(new, self.pipeline, model=self.plan.choice.info.path.name,
+                    self.mqtt = MqttService(new, pipeline, model=self.plan.choice.info.path.name,
                                             profile=self.plan.settings.profile)
                     self.mqtt.start(wait_s=30.0)
                 else:
