@@ -3,7 +3,8 @@
 Every error carries a machine-readable ``code`` that a reply puts in ``error.code``, and an ``exit_code`` the
 process ends with when the error stops it at start-up. The exit codes follow ``sysexits.h`` where one fits; the
 systemd unit lists the start-up ones in ``RestartPreventExitStatus`` so a bad config or model is not restarted in
-a loop.
+a loop. A generation that stops early is not an exception: its reply carries ``cancelled`` or ``timeout`` with the
+text generated so far; refusals carry the guard's reason code.
 """
 
 from __future__ import annotations
@@ -104,24 +105,6 @@ class BusyError(RequestError):
     """The request queue is full."""
 
     code = "busy"
-
-
-class GenerationTimeoutError(RequestError):
-    """The generation ran past the per-request bound and was cancelled."""
-
-    code = "timeout"
-
-
-class ExpiredError(RequestError):
-    """The request's MQTT v5 Message Expiry passed before it was served."""
-
-    code = "expired"
-
-
-class CancelledError(RequestError):
-    """The generation was cancelled (barge-in, a client cancel)."""
-
-    code = "cancelled"
 
 
 class ShuttingDownError(RequestError):

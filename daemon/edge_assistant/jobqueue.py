@@ -16,9 +16,7 @@ T = TypeVar("T")
 
 PRIORITY_ALARM = 0
 """PLC alarms go before everything else."""
-PRIORITY_VOICE = 1
-"""Someone is standing at the panel waiting."""
-PRIORITY_CHAT = 2
+PRIORITY_CHAT = 1
 """Ordinary requests."""
 
 

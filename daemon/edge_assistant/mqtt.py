@@ -328,10 +328,6 @@ class MqttService:
         """A voice event (wake, partial, final, answer, barge_in) on ``<prefix>/<device>/voice/<kind>``."""
         self.client.publish(f"{self.topics.base}/voice/{kind}", json.dumps(data, ensure_ascii=False), qos=0)
 
-    def cancel_current(self) -> None:
-        """Stop the running generation at the next token."""
-        self._cancel_current.set()
-
     # -- health -----------------------------------------------------------------------------------------------
 
     def health_payload(self) -> dict[str, Any]:

@@ -12,7 +12,6 @@ Everything runs on the voice threads: the MQTT loop and the watchdog never wait 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import queue
@@ -514,17 +513,6 @@ class Speaker:
         self._q.put(None)
         self._thread.join(5)
         self.sink.close()
-
-
-def synthesize_wav(voice_path: Path, text: str) -> bytes:
-    """One WAV in memory (for tests and tools)."""
-    from piper import PiperVoice
-
-    voice = PiperVoice.load(str(voice_path))
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        voice.synthesize_wav(text, w)
-    return buf.getvalue()
 
 
 def open_source(cfg: VoiceConfig) -> Source:
