@@ -288,10 +288,11 @@ def test_voice_never_blocks_mqtt(broker: Broker, tmp_path: Path, watcher: Client
                         response_topic="edge/vr1/reply/r")
         (reply,) = watcher.wait_for("edge/vr1/reply/r", timeout=120)
         assert reply.json()["status"] == "ok"
-        finals = watcher.wait_for("edge/vr1/voice/final", count=4, timeout=120)
-        assert finals[-1].received > reply.received  # answered while voice was still listening
-        during = [h for h in watcher.on("edge/vr1/health") if finals[0].received < h.received < finals[-1].received]
-        assert len(during) >= 3  # health kept coming while voice ran
+        # Voice carries on after the MQTT answer: a spoken answer comes later still.
+        later = watcher.wait_for("edge/vr1/voice/answer", lambda m: m.received > reply.received, timeout=120)[0]
+        first = watcher.on("edge/vr1/voice/final")[0]
+        during = [h for h in watcher.on("edge/vr1/health") if first.received < h.received < later.received]
+        assert len(during) >= 2  # health kept coming while voice ran
     finally:
         d.stop()
 
