@@ -11,6 +11,7 @@ import os
 import socket
 import string
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -338,7 +339,7 @@ class Config:
         """The device id after defaults."""
         return self.device_id or "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """SHA-256 of the effective configuration, for provenance."""
         return digest(self)
