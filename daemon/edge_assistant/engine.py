@@ -91,7 +91,6 @@ class Engine:
         self._formatter = _formatter(llm)
         self._prefix_formatter = _formatter(llm, add_generation_prompt=False)
         self._prefix_tokens: dict[tuple[tuple[str, str], ...], list[int]] = {}
-        self.prefix_cache = True
         self._eog = _eog_check(llm)
         import llama_cpp
 
@@ -189,7 +188,7 @@ class Engine:
         llm.set_seed(sampling.seed)
         t0 = time.monotonic()
         n = len(prefix)
-        cached = bool(n and self.prefix_cache and llm.n_tokens >= n and list(llm.input_ids[:n]) == prefix)
+        cached = bool(n and llm.n_tokens >= n and list(llm.input_ids[:n]) == prefix)
         if cached:
             llm.n_tokens = n  # keep the prefix's KV cells; generate() drops the rest and evaluates the user's turn
         else:

@@ -198,8 +198,6 @@ class Pipeline:
         usage = Usage(gen.prompt_tokens, gen.completion_tokens, gen.finish_reason, round(gen.first_token_ms, 1),
                       round(gen.total_ms, 1), round(gen.tokens_per_s, 2), gen.prefix_cached)
         finish = gen.finish_reason
-        if finish == "cancelled" and cancel is not None and not cancel.is_set():
-            finish = "stop"  # only the output watch stops a generation without the caller's cancel
         if finish in ("cancelled", "timeout"):
             message = ("the generation was cancelled" if finish == "cancelled" else
                        f"the generation ran past {config.limits.request_timeout_s:g} s and was stopped")
