@@ -246,8 +246,20 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+class _Interruptible:
+    """The barge-in switch the sinks share: ``stop`` drops what is being written, ``resume`` allows writing again."""
+
+    _stopped: threading.Event
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def resume(self) -> None:
+        self._stopped.clear()
+
+
 @dataclass
-class WavSink:
+class WavSink(_Interruptible):
     """A WAV file; ``realtime`` paces writing like a speaker (so barge-in has something to interrupt)."""
 
     path: Path
@@ -276,19 +288,13 @@ class WavSink:
                 self._played_until = max(self._played_until, time.monotonic()) + len(piece) / 2 / rate
                 time.sleep(max(0.0, self._played_until - time.monotonic()))
 
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def resume(self) -> None:
-        self._stopped.clear()
-
     def close(self) -> None:
         if self._wav is not None:
             self._wav.close()
             self._wav = None
 
 
-class DeviceSink:
+class DeviceSink(_Interruptible):
     """A playback device through PortAudio."""
 
     def __init__(self, device: str = "") -> None:
@@ -316,19 +322,13 @@ class DeviceSink:
                 return
             self._stream.write(pcm[i:i + step])
 
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def resume(self) -> None:
-        self._stopped.clear()
-
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
 
 
 @dataclass
-class PipeSink:
+class PipeSink(_Interruptible):
     """Raw 16-bit PCM to a pipe or file, at the voice's rate."""
 
     stream: IO[bytes]
@@ -338,12 +338,6 @@ class PipeSink:
         if not self._stopped.is_set():
             self.stream.write(pcm)
             self.stream.flush()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def resume(self) -> None:
-        self._stopped.clear()
 
     def close(self) -> None:
         self.stream.flush()
