@@ -13,7 +13,8 @@ import pytest
 from edge_assistant import app
 from edge_assistant.config import Config, load_config
 from edge_assistant.engine import Engine
-from edge_assistant.pipeline import Pipeline
+from edge_assistant.pipeline import Runtime
+from edge_assistant.scheduler import Scheduler
 
 from mqttkit import Broker, Client
 
@@ -74,19 +75,26 @@ def config(model_path: Path) -> Config:
 
 
 @pytest.fixture(scope="session")
-def loaded(config: Config) -> Iterator[tuple[Engine, Pipeline]]:
-    plan = app.plan(config)
-    yield app.load(config, plan)
+def runtime(config: Config) -> Iterator[Runtime]:
+    """The real default model, loaded once for the session."""
+    rt = app.load(config, app.plan(config))
+    yield rt
+    rt.close()
 
 
 @pytest.fixture(scope="session")
-def pipeline(loaded: tuple[Engine, Pipeline]) -> Pipeline:
-    return loaded[1]
+def engine(runtime: Runtime) -> Engine:
+    assert isinstance(runtime.engine, Engine)
+    return runtime.engine
 
 
 @pytest.fixture(scope="session")
-def engine(loaded: tuple[Engine, Pipeline]) -> Engine:
-    return loaded[0]
+def scheduler(runtime: Runtime) -> Iterator[Scheduler]:
+    """The real scheduler over the real model: what every transport submits to."""
+    s = Scheduler(runtime)
+    s.start()
+    yield s
+    s.stop()
 
 
 def copy_device(name: str, dest: Path) -> Path:

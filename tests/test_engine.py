@@ -6,20 +6,21 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 from edge_assistant import app
 from edge_assistant.config import Config, load_config
 from edge_assistant.engine import Engine
-from edge_assistant.pipeline import Pipeline, Request
+from edge_assistant.messages import Request
+from edge_assistant.pipeline import handle
+from edge_assistant.scheduler import Scheduler
 
 from conftest import ROOT
 
 Q = "Spindle 3 shows alarm 1012, coolant pressure low. What should I check first?"
 
 
-def test_same_request_same_bytes_whatever_was_asked_before(pipeline: Pipeline) -> None:
-    first = pipeline.handle(Request(text=Q, max_tokens=48))
+def test_same_request_same_bytes_whatever_was_asked_before(scheduler: Scheduler) -> None:
+    first = scheduler.ask(Request(text=Q, max_tokens=48))
     assert first.status == "ok" and first.text
     answers = [first.text]
     # Unrelated requests, a request sharing the persona prefix, a different persona, a sampled request.
@@ -27,38 +28,38 @@ def test_same_request_same_bytes_whatever_was_asked_before(pipeline: Pipeline) -
                     Request(text=Q + " Also the chip conveyor is jammed.", max_tokens=20),
                     Request(text="Guten Morgen", persona="translator", max_tokens=10),
                     Request(text="Name three coolant types.", temperature=0.3, max_tokens=25)):
-        pipeline.handle(earlier)
-        again = pipeline.handle(Request(text=Q, max_tokens=48))
+        scheduler.ask(earlier)
+        again = scheduler.ask(Request(text=Q, max_tokens=48))
         answers.append(again.text)
     assert len(set(answers)) == 1, answers
     assert first.provenance["seed"] == 1234
 
 
-def test_prefix_cache_cold_and_warm_give_the_same_bytes(pipeline: Pipeline) -> None:
-    pipeline.handle(Request(text="Guten Morgen", persona="translator", max_tokens=5))  # evicts the factory prefix
-    cold = pipeline.handle(Request(text=Q, max_tokens=40))
-    warm = pipeline.handle(Request(text=Q, max_tokens=40))
-    other = pipeline.handle(Request(text="How do I clean the chip tray?", max_tokens=40))
+def test_prefix_cache_cold_and_warm_give_the_same_bytes(scheduler: Scheduler) -> None:
+    scheduler.ask(Request(text="Guten Morgen", persona="translator", max_tokens=5))  # evicts the factory prefix
+    cold = scheduler.ask(Request(text=Q, max_tokens=40))
+    warm = scheduler.ask(Request(text=Q, max_tokens=40))
+    other = scheduler.ask(Request(text="How do I clean the chip tray?", max_tokens=40))
     assert cold.usage is not None and warm.usage is not None and other.usage is not None
     assert (cold.usage.prefix_cached, warm.usage.prefix_cached, other.usage.prefix_cached) == (False, True, True)
     assert cold.text == warm.text
-    pipeline.handle(Request(text="Guten Morgen", persona="translator", max_tokens=5))
-    other_cold = pipeline.handle(Request(text="How do I clean the chip tray?", max_tokens=40))
+    scheduler.ask(Request(text="Guten Morgen", persona="translator", max_tokens=5))
+    other_cold = scheduler.ask(Request(text="How do I clean the chip tray?", max_tokens=40))
     assert other_cold.usage is not None and not other_cold.usage.prefix_cached
     assert other_cold.text == other.text
 
 
-def test_sampled_request_repeats_with_fixed_seed(pipeline: Pipeline) -> None:
+def test_sampled_request_repeats_with_fixed_seed(scheduler: Scheduler) -> None:
     req = Request(text="Name three coolant types.", temperature=0.3, max_tokens=30)
-    a = pipeline.handle(req)
-    pipeline.handle(Request(text="What is a collet?", max_tokens=10))
-    b = pipeline.handle(req)
+    a = scheduler.ask(req)
+    scheduler.ask(Request(text="What is a collet?", max_tokens=10))
+    b = scheduler.ask(req)
     assert a.text == b.text
     assert a.provenance["sampling"]["temperature"] == 0.3
 
 
-def test_same_bytes_across_processes(pipeline: Pipeline, config: Config) -> None:
-    here = pipeline.handle(Request(text=Q, max_tokens=48))
+def test_same_bytes_across_processes(scheduler: Scheduler, config: Config) -> None:
+    here = scheduler.ask(Request(text=Q, max_tokens=48))
     env = {**os.environ, "EDGE_ASSISTANT_MODEL_DIR": str(config.model.directory())}
     outs = []
     for _ in range(2):
@@ -70,8 +71,8 @@ def test_same_bytes_across_processes(pipeline: Pipeline, config: Config) -> None
     assert outs[0]["provenance"] == outs[1]["provenance"]
 
 
-def test_provenance_names_everything(pipeline: Pipeline) -> None:
-    reply = pipeline.handle(Request(text="What is a collet?", max_tokens=8))
+def test_provenance_names_everything(scheduler: Scheduler) -> None:
+    reply = scheduler.ask(Request(text="What is a collet?", max_tokens=8))
     p = reply.provenance
     assert p["model_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert p["quantization"] == "Q4_1" and p["backend"] == "cpu" and p["seed"] == 1234
@@ -80,39 +81,38 @@ def test_provenance_names_everything(pipeline: Pipeline) -> None:
     assert reply.usage is not None and reply.usage.completion_tokens <= 8
 
 
-def test_temperature_and_length_are_clamped(pipeline: Pipeline) -> None:
-    reply = pipeline.handle(Request(text="What is a collet?", temperature=5.0, max_tokens=100000))
+def test_temperature_and_length_are_clamped(scheduler: Scheduler) -> None:
+    reply = scheduler.ask(Request(text="What is a collet?", temperature=5.0, max_tokens=100000))
     assert reply.provenance["sampling"]["temperature"] == 0.3
     assert reply.provenance["sampling"]["max_tokens"] == 512
 
 
-def test_streaming_pieces_make_the_answer(pipeline: Pipeline) -> None:
+def test_streaming_pieces_make_the_answer(scheduler: Scheduler) -> None:
     pieces: list[str] = []
-    reply = pipeline.handle(Request(text=Q, max_tokens=40), on_text=pieces.append)
+    reply = scheduler.ask(Request(text=Q, max_tokens=40), on_text=pieces.append)
     assert len(pieces) > 5
     assert "".join(pieces).strip() == reply.text
 
 
-def test_cancel_between_tokens(pipeline: Pipeline) -> None:
-    cancel = threading.Event()
+def test_cancel_between_tokens(scheduler: Scheduler) -> None:
     pieces: list[str] = []
 
     def on_text(piece: str) -> None:
         pieces.append(piece)
         if len(pieces) == 3:
-            cancel.set()
+            scheduler.cancel("cancel-me")
 
-    reply = pipeline.handle(Request(text=Q, max_tokens=100), on_text=on_text, cancel=cancel)
+    reply = scheduler.ask(Request(text=Q, max_tokens=100), on_text=on_text, key="cancel-me")
     assert reply.status == "error" and reply.error is not None and reply.error.code == "cancelled"
     assert reply.usage is not None and reply.usage.completion_tokens == 3
 
 
-def test_request_faults_are_replies(pipeline: Pipeline) -> None:
-    r = pipeline.handle(Request(text="hi", persona="astrologer"))
+def test_request_faults_are_replies(scheduler: Scheduler) -> None:
+    r = scheduler.ask(Request(text="hi", persona="astrologer"))
     assert r.status == "error" and r.error is not None and r.error.code == "unknown_persona"
-    r = pipeline.handle(Request(text="x" * 5000))
+    r = scheduler.ask(Request(text="x" * 5000))
     assert r.error is not None and r.error.code == "bad_request" and "at most 1000" in r.error.message
-    r = pipeline.handle(Request(text="   "))
+    r = scheduler.ask(Request(text="   "))
     assert r.error is not None and r.error.code == "bad_request"
 
 
@@ -121,12 +121,13 @@ def test_context_overflow_is_refused_before_generating(model_path) -> None:  # t
                                 "personas": {"factory": {"max_input_chars": 100000}}})
     plan = app.plan(config)
     assert plan.choice.n_ctx == 256
-    engine, pipeline = app.load(config, plan)
-    assert isinstance(engine, Engine)
-    reply = pipeline.handle(Request(text="coolant " * 400))
+    runtime = app.load(config, plan)
+    assert isinstance(runtime.engine, Engine)
+    reply = handle(runtime, Request(text="coolant " * 400))
     assert reply.status == "error" and reply.error is not None
     assert reply.error.code == "context_overflow"
     assert "context holds 256" in reply.error.message
-    ok = pipeline.handle(Request(text="What is a collet?", max_tokens=400))
+    ok = handle(runtime, Request(text="What is a collet?", max_tokens=400))
     assert ok.status == "ok" and ok.usage is not None
     assert ok.usage.prompt_tokens + ok.usage.completion_tokens <= 256
+    runtime.close()

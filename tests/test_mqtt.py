@@ -134,10 +134,16 @@ def test_invalid_utf8_and_forbidden_topic_and_no_reply_topic(broker: Broker, sha
     watcher.publish("edge/dev1/request", b"\xff\xfe\xfa", response_topic="edge/dev1/reply/bad")
     (msg,) = watcher.wait_for("edge/dev1/reply/bad")
     assert msg.json()["error"]["code"] == "bad_request" and "UTF-8" in msg.json()["error"]["message"]
-    # A response topic outside the allowed prefix gets nothing; the answer topic says why.
+    # A response topic outside the allowed prefix gets nothing, there or on the answer topic (which shows answers,
+    # not other clients' refused messages); the log says why.
+    watcher.subscribe("plant/evil/inbox")
     watcher.publish("edge/dev1/request", "hello", response_topic="plant/evil/inbox", correlation=b"c1")
-    hit = watcher.wait_for("edge/dev1/answer", lambda m: m.json().get("error") == "forbidden_topic")
-    assert "outside the allowed prefix" in hit[0].json()["text"]
+    deadline = time.monotonic() + 30
+    while "outside the allowed prefix" not in shared_daemon.text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "outside the allowed prefix" in shared_daemon.text()
+    assert not watcher.on("plant/evil/inbox")
+    assert not [m for m in watcher.on("edge/dev1/answer") if m.json().get("error") == "forbidden_topic"]
     # No reply topic at all: the answer goes to the answer topic (Home Assistant reads it there).
     watcher.publish("edge/dev1/request", json.dumps({"text": "What is a reamer?", "id": "noreply",
                                                       "max_tokens": 10}))

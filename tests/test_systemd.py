@@ -282,10 +282,13 @@ def test_ctypes_and_llama_cpp_tolerate_memory_deny_write_execute() -> None:
         "assert cb(1) == 2\n"
         "from edge_assistant import app\n"
         "from edge_assistant.config import load_config\n"
-        "from edge_assistant.pipeline import Request\n"
+        "from edge_assistant.messages import Request\n"
+        "from edge_assistant.scheduler import Scheduler\n"
         f"cfg = load_config(None, {{'model': {{'dir': {str(DEFAULT_MODEL.parent)!r}}}}})\n"
-        "_, p = app.load(cfg, app.plan(cfg))\n"
-        "r = p.handle(Request(text='What is a collet?', max_tokens=6))\n"
+        "s = Scheduler(app.load(cfg, app.plan(cfg)))\n"
+        "s.start()\n"
+        "r = s.ask(Request(text='What is a collet?', max_tokens=6))\n"
+        "s.stop()\n"
         "print(r.status, r.text)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
@@ -350,11 +353,14 @@ setup_logging("INFO")
 assert type(logging.getLogger().handlers[0]).__name__ == "JournalHandler", logging.getLogger().handlers
 from edge_assistant import app
 from edge_assistant.config import load_config
-from edge_assistant.pipeline import Request
+from edge_assistant.messages import Request
+from edge_assistant.scheduler import Scheduler
 cfg = load_config(None, {"model": {"dir": sys.argv[1]}})
-_, p = app.load(cfg, app.plan(cfg))
-p.handle(Request(text="What is a collet?", id="jr-1", max_tokens=5))
-p.handle(Request(text="hi", id="jr-2", persona="astrologer"))
+s = Scheduler(app.load(cfg, app.plan(cfg)))
+s.start()
+s.ask(Request(text="What is a collet?", id="jr-1", max_tokens=5))
+s.ask(Request(text="hi", id="jr-2", persona="astrologer"))
+s.stop()
 """
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import wave
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +17,9 @@ import pytest
 
 from edge_assistant import app
 from edge_assistant.config import Config, VoiceConfig, load_config
-from edge_assistant.pipeline import Pipeline, Request
+from edge_assistant.errors import VoiceError
+from edge_assistant.messages import Request
+from edge_assistant.scheduler import Scheduler
 from edge_assistant.voice import (
     DeviceSink,
     DeviceSource,
@@ -25,12 +27,12 @@ from edge_assistant.voice import (
     Recognizer,
     SentenceSplitter,
     Speaker,
-    VoiceError,
     VoiceLoop,
     WavSink,
     WavSource,
     default_piper_voice,
     default_vosk_model,
+    load_piper,
     load_vosk_model,
 )
 
@@ -86,9 +88,11 @@ def voice_config(model_path: Path) -> Config:
 
 
 @pytest.fixture(scope="module")
-def voice_pipeline(voice_config: Config) -> Pipeline:
-    _, pipeline = app.load(voice_config, app.plan(voice_config, voice=True))
-    return pipeline
+def voice_scheduler(voice_config: Config) -> Iterator[Scheduler]:
+    s = Scheduler(app.load(voice_config, app.plan(voice_config, voice=True)))
+    s.start()
+    yield s
+    s.stop()
 
 
 def test_bundled_models_are_installed() -> None:
@@ -118,12 +122,12 @@ def test_translator_speech_in_speech_out(speech: dict[str, Path], tmp_path: Path
     assert 0.02 * chars < duration < 0.2 * chars + 1.0, (duration, chars)
 
 
-def test_sentences_are_spoken_while_generating(voice_pipeline: Pipeline, tmp_path: Path) -> None:
+def test_sentences_are_spoken_while_generating(voice_scheduler: Scheduler, tmp_path: Path) -> None:
     """The first sentence is synthesized and written before the answer is complete."""
     voice = default_piper_voice("en")
     assert voice is not None
     sink = WavSink(tmp_path / "stream.wav")
-    speaker = Speaker(voice, sink)
+    speaker = Speaker(load_piper(voice), sink)
     splitter = SentenceSplitter()
     sentences: list[str] = []
 
@@ -132,8 +136,8 @@ def test_sentences_are_spoken_while_generating(voice_pipeline: Pipeline, tmp_pat
             sentences.append(s)
             speaker.say(s)
 
-    reply = voice_pipeline.handle(Request(text="Tell me about safety near a lathe.", persona="talker"),
-                                  on_text=on_text)
+    reply = voice_scheduler.ask(Request(text="Tell me about safety near a lathe.", persona="talker"),
+                                on_text=on_text)
     done_generating = time.monotonic()
     for s in splitter.flush():
         speaker.say(s)
@@ -157,7 +161,7 @@ def test_sentence_splitter(chunks: list[str], expected: list[str]) -> None:
     assert got == expected
 
 
-def test_barge_in_stops_playback_and_cancels(voice_config: Config, voice_pipeline: Pipeline,
+def test_barge_in_stops_playback_and_cancels(voice_config: Config, voice_scheduler: Scheduler,
                                              speech: dict[str, Path], tmp_path: Path) -> None:
     """The wake phrase during the answer: playback stops and the generation is cancelled."""
     audio_in = concat([1.0, speech["wake"], 0.8, speech["question"], 3.0, speech["wake"], 4.0],
@@ -165,8 +169,9 @@ def test_barge_in_stops_playback_and_cancels(voice_config: Config, voice_pipelin
     cfg = replace(voice_config.voice, enabled=True, activation="wake", wake_phrase=WAKE, persona="talker",
                   input="wav", input_path=str(audio_in), output="wav", output_path=str(tmp_path / "out.wav"))
     events: list[tuple[float, str, dict[str, object]]] = []
-    loop = VoiceLoop(cfg, voice_pipeline, WavSource(audio_in, realtime=True),
-                     WavSink(tmp_path / "out.wav", realtime=True), lambda k, d: events.append((time.monotonic(), k, d)))
+    loop = VoiceLoop.load(cfg, voice_config, voice_scheduler, WavSource(audio_in, realtime=True),
+                          WavSink(tmp_path / "out.wav", realtime=True),
+                          lambda k, d: events.append((time.monotonic(), k, d)))
     loop.run()
     kinds = [k for _, k, _ in events]
     assert kinds[0] == "wake" and "final" in kinds and "barge_in" in kinds, kinds
@@ -211,16 +216,16 @@ def test_missing_devices_are_clear_errors() -> None:
         DeviceSink()
 
 
-def test_missing_models_are_clear_errors(voice_pipeline: Pipeline, tmp_path: Path) -> None:
+def test_missing_models_are_clear_errors(voice_config: Config, voice_scheduler: Scheduler, tmp_path: Path) -> None:
     base = VoiceConfig(enabled=True, activation="always", persona="talker", input="wav",
                        input_path=str(tmp_path / "x.wav"), output="wav", output_path=str(tmp_path / "y.wav"))
     src, sink = WavSource(tmp_path / "x.wav"), WavSink(tmp_path / "y.wav")
     with pytest.raises(VoiceError, match="cannot load the Vosk model"):
-        VoiceLoop(replace(base, vosk_models={"ko": str(tmp_path)}), voice_pipeline, src, sink)
+        VoiceLoop.load(replace(base, vosk_models={"ko": str(tmp_path)}), voice_config, voice_scheduler, src, sink)
     with pytest.raises(VoiceError, match=r"no Piper voice for language 'en' at /nope\.onnx"):
-        VoiceLoop(replace(base, piper_voices={"en": "/nope.onnx"}), voice_pipeline, src, sink)
+        VoiceLoop.load(replace(base, piper_voices={"en": "/nope.onnx"}), voice_config, voice_scheduler, src, sink)
     with pytest.raises(VoiceError, match="no Vosk model for language 'en'"):
-        VoiceLoop(replace(base, persona="factory"), voice_pipeline, src, sink)  # no English Vosk model here
+        VoiceLoop.load(replace(base, persona="factory"), voice_config, voice_scheduler, src, sink)  # no English model
     with pytest.raises(VoiceError, match="cannot read the WAV file"):
         list(WavSource(tmp_path / "missing.wav").chunks())
 

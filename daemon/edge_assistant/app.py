@@ -1,4 +1,4 @@
-"""Wiring: hardware to profile to settings to model choice to a loaded engine and a pipeline."""
+"""Wiring: hardware to profile to settings to model choice to a loaded engine and a runtime."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .engine import Embedder, Engine
+from .engine import Engine, LlamaEmbedder
 from .errors import ModelMissingError
+from .guard import Chooser, Relevance
 from .hardware import HardwareInfo, detect
+from .knowledge import Retriever, build_index
 from .models import ModelChoice, choose, expected_sha256, inspect, scan, verify
-from .pipeline import Pipeline
+from .pipeline import Closable, Runtime
 from .profiles import Settings, default_profiles_dir, load_profiles, match, resolve
 
 log = logging.getLogger(__name__)
@@ -60,18 +62,40 @@ def plan(config: Config, root: Path = Path("/"), voice: bool = False) -> Plan:
     return Plan(hw, settings, choice, tuple(unreadable))
 
 
-def load(config: Config, the_plan: Plan) -> tuple[Engine, Pipeline]:
-    """Verify the chosen file's SHA-256, load it, and build the pipeline."""
+def load(config: Config, the_plan: Plan) -> Runtime:
+    """Verify the chosen file's SHA-256, load it, index the documents, and build the runtime."""
     path = the_plan.choice.info.path
     sha = verify(path, expected_sha256(path, config.model.sha256))
     engine = Engine.load(the_plan.choice, the_plan.settings, sha)
     embedder = load_embedder(config, the_plan, sha)
-    pipeline = Pipeline(config, engine, profile=the_plan.settings.profile,
-                        quantization=the_plan.choice.info.quantization, model_file=path.name, embedder=embedder)
-    return engine, pipeline
+    return build_runtime(config, the_plan, engine, embedder, open_knowledge(config))
 
 
-def load_embedder(config: Config, the_plan: Plan, sha256: str) -> Embedder | None:
+def build_runtime(config: Config, the_plan: Plan, engine: Engine, embedder: LlamaEmbedder | None,
+                  knowledge: Retriever | None) -> Runtime:
+    """A runtime from loaded parts (a reload that keeps the model passes the running engine and embedder)."""
+    chooser = engine if isinstance(engine, Chooser) else None
+    relevance = {name: Relevance(p.guard, embedder, chooser) for name, p in config.personas.items()}
+    resources: list[Closable] = [engine]
+    if embedder is not None:
+        resources.append(embedder)
+    if knowledge is not None:
+        resources.append(knowledge)
+    return Runtime(config=config, engine=engine, relevance=relevance, knowledge=knowledge, embedder=embedder,
+                   model_file=the_plan.choice.info.path.name, quantization=the_plan.choice.info.quantization,
+                   profile=the_plan.settings.profile, resources=tuple(resources))
+
+
+def open_knowledge(config: Config, reindex: bool = True) -> Retriever | None:
+    """Bring the index up to date with ``[knowledge] paths`` and open it; None when no documents are configured."""
+    if not config.knowledge.paths:
+        return None
+    if reindex:
+        build_index(config.knowledge)
+    return Retriever.open(config.knowledge)
+
+
+def load_embedder(config: Config, the_plan: Plan, sha256: str) -> LlamaEmbedder | None:
     """An embedding context on the chosen model, when a persona's guard uses embeddings.
 
     The guard examples' embeddings are kept beside the model, named by its SHA-256, so a restart does not
@@ -83,4 +107,4 @@ def load_embedder(config: Config, the_plan: Plan, sha256: str) -> Embedder | Non
         return None
     path = the_plan.choice.info.path
     cache = path.with_name(f".{path.name}.{sha256[:16]}.embeddings.npz")
-    return Embedder.load(str(path), the_plan.settings.n_threads, cache)
+    return LlamaEmbedder.load(str(path), the_plan.settings.n_threads, cache)

@@ -1,4 +1,4 @@
-"""Command line: ``edge-assistant detect | models | generate | run | ask``."""
+"""Command line: ``edge-assistant detect | models | generate | run | ask | listen | knowledge``."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from typing import Any
 from . import app
 from .config import Config, config_path_from_env, load_config
 from .errors import EdgeError
+from .messages import Reply, Request
 from .models import MIB
-from .pipeline import Request
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +100,47 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_locally(config: Config, voice: bool = False) -> Scheduler:
+    """The model loaded and a scheduler running, in this process (no broker)."""
+    plan = app.plan(config, voice=voice)
+    scheduler = Scheduler(app.load(config, plan), config.limits.queue_size)
+    scheduler.start()
+    return scheduler
+
+
+def print_sources(reply: dict[str, Any] | Reply, out: Any = sys.stdout) -> None:
+    """The sources of an answer, one per line under it."""
+    sources = reply.get("sources") if isinstance(reply, dict) else [asdict(s) for s in reply.sources]
+    if not sources:
+        return
+    print("\nSources:", file=out)
+    for i, src in enumerate(sources, 1):
+        print(f"  [{i}] {src['document']}, {src['location']}: {src['excerpt']}", file=out)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     config = _config(args)
-    plan = app.plan(config)
-    _engine, pipeline = app.load(config, plan)
+    scheduler = _serve_locally(config)
     streamed = not args.json
+    shown: list[str] = []
 
     def show(piece: str) -> None:
+        shown.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    reply = pipeline.handle(Request(text=args.text, persona=args.persona or "", max_tokens=args.max_tokens,
-                                    temperature=args.temperature), on_text=show if streamed else None)
+    try:
+        reply = scheduler.ask(Request(text=args.text, persona=args.persona or "", max_tokens=args.max_tokens,
+                                      temperature=args.temperature), on_text=show if streamed else None)
+    finally:
+        scheduler.stop(grace_s=0)
     if args.json:
         print(json.dumps(reply.to_dict(), ensure_ascii=False, indent=2))
     else:
+        if not shown:
+            sys.stdout.write(reply.text)  # a refusal is not streamed
         sys.stdout.write("\n")
+        print_sources(reply)
         if reply.error is not None:
             print(f"edge-assistant: {reply.error.code}: {reply.error.message}", file=sys.stderr)
     return 0 if reply.status == "ok" else 1
@@ -158,6 +184,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(json.dumps(reply, ensure_ascii=False, indent=2))
     else:
         sys.stdout.write("\n")
+        print_sources(reply)
         if reply.get("status") != "ok":
             err = reply.get("error") or {}
             print(f"edge-assistant: {err.get('code', reply.get('status'))}: {err.get('message', '')}",
@@ -174,8 +201,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     voice = replace(config.voice, enabled=True, activation=args.activation, wake_phrase=args.wake or "",
                     persona=args.persona or config.voice.persona, input="wav", input_path=args.wav,
                     output="wav", output_path=args.out)
-    plan = app.plan(config, voice=True)
-    _engine, pipeline = app.load(config, plan)
+    scheduler = _serve_locally(config, voice=True)
     events: list[dict[str, Any]] = []
 
     def on_event(kind: str, data: dict[str, Any]) -> None:
@@ -184,16 +210,72 @@ def cmd_listen(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"{kind}: {data}", flush=True)
 
-    loop = VoiceLoop(voice, pipeline, WavSource(Path(args.wav), realtime=args.realtime),
-                     WavSink(Path(args.out), realtime=args.realtime), on_event)
+    loop = VoiceLoop.load(voice, config, scheduler, WavSource(Path(args.wav), realtime=args.realtime),
+                          WavSink(Path(args.out), realtime=args.realtime), on_event)
     t0 = time.monotonic()
-    loop.run()
+    try:
+        loop.run()
+    finally:
+        scheduler.stop(grace_s=0)
     wall = time.monotonic() - t0
     if args.json:
-        print(json.dumps({"events": events, "timings": loop.timings, "wall_s": wall,
+        print(json.dumps({"events": events, "timings": list(loop.timings), "wall_s": wall,
                           "synthesis_s": loop.speaker.synth_s, "audio_out_s": loop.speaker.audio_s},
                          ensure_ascii=False, indent=2))
     return 0 if loop.replies and all(r.status == "ok" for r in loop.replies) else 1
+
+
+def cmd_knowledge(args: argparse.Namespace) -> int:
+    from .knowledge import Retriever, build_index
+
+    config = _config(args)
+    kcfg = config.knowledge
+    if not kcfg.paths:
+        print("edge-assistant: no documents configured: set [knowledge] paths in the config", file=sys.stderr)
+        return 78
+    if args.action == "index":
+        report = build_index(kcfg)
+        if args.json:
+            print(json.dumps(asdict(report), indent=2))
+            return 0
+        print(f"Index {kcfg.index_path()}: {report.chunks} passages, digest {report.digest[:16]}")
+        print(f"  added {len(report.added)}, updated {len(report.updated)}, removed {len(report.removed)}, "
+              f"unchanged {report.unchanged}; {report.pages} pages read in {report.seconds:.2f} s")
+        for line in report.skipped:
+            print(f"  skipped: {line}")
+        return 0
+    retriever = Retriever.open(kcfg)
+    try:
+        if args.action == "list":
+            docs = retriever.documents()
+            if args.json:
+                print(json.dumps([asdict(d) for d in docs], indent=2))
+                return 0
+            print(f"Index {kcfg.index_path()} (digest {retriever.digest[:16]}):")
+            for d in docs:
+                print(f"  {d.name:<40} {d.kind:<8} {d.pages:4d} pages {d.chunks:5d} passages  {d.sha256[:12]}")
+            return 0
+        text = " ".join(args.text or [])
+        if not text.strip():
+            print("edge-assistant: knowledge search needs the text to search for", file=sys.stderr)
+            return 64
+        t0 = time.monotonic()
+        found = retriever.search(text, limit=args.limit)
+        ms = (time.monotonic() - t0) * 1000
+        covered = [p for p in found if p.coverage >= retriever.min_coverage]
+        if args.json:
+            print(json.dumps({"query": text, "ms": round(ms, 2), "covered": bool(covered),
+                              "passages": [asdict(p) for p in found]}, ensure_ascii=False, indent=2))
+            return 0
+        print(f"{len(found)} passage(s) in {ms:.1f} ms; "
+              + ("covered" if covered else f"NOT covered (no passage reaches coverage {retriever.min_coverage:g})"))
+        for i, p in enumerate(found, 1):
+            print(f"\n[{i}] {p.document}, {p.location}  match={p.matched} coverage={p.coverage:.2f} "
+                  f"bm25={p.score:.3f}")
+            print("    " + " ".join(p.text.split())[:400])
+        return 0
+    finally:
+        retriever.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realtime", action="store_true", help="pace input and output like a microphone and speaker")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("knowledge", help="the plant's documents: index them, list them, search them")
+    p.add_argument("action", choices=["index", "list", "search"])
+    p.add_argument("text", nargs="*", help="what to search for (search)")
+    p.add_argument("--limit", type=int, default=5, help="passages to show (search)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_knowledge)
+    for p in sub.choices.values():  # as people type them: after the subcommand too
+        p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

@@ -64,6 +64,61 @@ class SamplingPreset:
 
 
 @dataclass(frozen=True)
+class PersonaKnowledge:
+    """How a persona uses the plant's documents (``[personas.<name>.knowledge]``)."""
+
+    enabled: bool = False
+    """Answer from the documents of ``[knowledge] paths`` (no effect while none are configured)."""
+    passages: int = 3
+    """How many passages go into the prompt, best first."""
+    fallback: Literal["refuse", "model"] = "refuse"
+    """When nothing in the documents covers a question: ``refuse`` with ``not_found`` (``not_in_documents``), or
+    let the model answer alone (no sources)."""
+    row_answers: Literal["direct", "model"] = "direct"
+    """When a question names a table row by its identifier (an alarm code): answer with the row itself
+    (``direct``: exact and deterministic) or let the model phrase it from the row."""
+    not_found: str = ("The plant's documents do not cover this. Please ask the shift supervisor or maintenance.")
+    """The fixed text for a question the documents do not cover."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.passages <= 10:
+            raise ValueError("passages: 1 to 10")
+        if not self.not_found.strip():
+            raise ValueError("not_found: must not be empty")
+
+
+@dataclass(frozen=True)
+class KnowledgeConfig:
+    """The plant's own documents (``[knowledge]``): alarm tables, manuals, safety sheets."""
+
+    paths: tuple[str, ...] = ()
+    """Files or directories of Markdown (``.md``), text (``.txt``), PDF (``.pdf``) and CSV (``.csv``)."""
+    index: str = ""
+    """The SQLite index file; empty: ``knowledge.sqlite`` in the state directory."""
+    id_columns: tuple[str, ...] = ("code", "alarm", "alarm_code", "id", "error", "error_code", "fault", "part",
+                                   "part_number", "tag", "switch")
+    """CSV header names (case-insensitive) whose column identifies a row; the first one present wins."""
+    max_chunk_chars: int = 1200
+    """Longer sections and pages are split at paragraph ends."""
+    min_coverage: float = 0.5
+    """Share of a question's words (weighted by rarity) a passage must contain to count as covering it."""
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.max_chunk_chars <= 20000:
+            raise ValueError("max_chunk_chars: 200 to 20000")
+        if not 0 < self.min_coverage <= 1:
+            raise ValueError("min_coverage: more than 0, at most 1")
+
+    def index_path(self) -> Path:
+        """The index file after defaults."""
+        if self.index:
+            return Path(self.index).expanduser()
+        if os.environ.get("STATE_DIRECTORY"):
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "knowledge.sqlite"
+        return Path(__file__).resolve().parents[2] / ".cache" / "knowledge.sqlite"
+
+
+@dataclass(frozen=True)
 class PersonaConfig:
     """A persona: a system prompt, few-shot examples and a sampling preset (like an Ollama Modelfile)."""
 
@@ -87,6 +142,8 @@ class PersonaConfig:
     """Longer user text is refused before it reaches the model."""
     guard: GuardConfig = field(default_factory=GuardConfig)
     """Topic restriction: what to answer and what to refuse."""
+    knowledge: PersonaKnowledge = field(default_factory=PersonaKnowledge)
+    """Whether and how it answers from the plant's documents."""
 
     def __post_init__(self) -> None:
         if not self.system_prompt.strip():
@@ -109,6 +166,10 @@ class ModelConfig:
     """Expected SHA-256 of the chosen file; empty: a ``<file>.sha256`` sidecar if present."""
     min_ctx: int = 256
     """Smallest context model choice may shrink to before giving up."""
+    reload: Literal["auto", "release_first", "side_by_side"] = "auto"
+    """On SIGHUP with a new model: load it while the old one serves (``side_by_side``), or release the old one
+    first and hold requests meanwhile (``release_first``); ``auto`` releases first when both would not fit the
+    memory budget."""
 
     def __post_init__(self) -> None:
         if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in self.sha256)):
@@ -316,6 +377,8 @@ class Config:
     """PLC alarm routes (``[[plc]]`` tables)."""
     voice: VoiceConfig = field(default_factory=VoiceConfig)
     """Local voice."""
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
+    """The plant's documents."""
 
     def __post_init__(self) -> None:
         if not self.personas:

@@ -40,7 +40,8 @@ def discovery_payload(topics: Topics, device: str, model: str, profile: str) -> 
             "answer": {"p": "sensor", "name": "Last answer", "uniq_id": f"{uid}_answer", "stat_t": topics.answer,
                        "val_tpl": "{{ value_json.state }}", "json_attr_t": topics.answer,
                        "json_attr_tpl": "{{ {'text': value_json.text, 'id': value_json.id, "
-                                        "'persona': value_json.persona, 'status': value_json.status} | tojson }}",
+                                        "'persona': value_json.persona, 'status': value_json.status, "
+                                        "'error': value_json.error, 'sources': value_json.sources} | tojson }}",
                        "icon": "mdi:chat"},
             "busy": {"p": "binary_sensor", "name": "Busy", "uniq_id": f"{uid}_busy", "stat_t": topics.health,
                      "val_tpl": "{{ 'ON' if value_json.busy else 'OFF' }}", "dev_cla": "running"},

@@ -8,7 +8,7 @@ evaluated first. Either way the same arithmetic runs, so an answer never depends
 (llama-cpp-python's own prefix reuse splits prompts wherever the previous one ended; on CUDA that was seen to
 change answers, and evaluating the last token alone shifts logits.)
 
-The engine is synchronous; callers run it on a worker thread, never on a network loop or the watchdog thread.
+The engine is synchronous; the scheduler's inference thread is its only caller.
 """
 
 from __future__ import annotations
@@ -18,65 +18,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from .errors import ContextOverflowError, ModelCorruptError
+from .messages import FinishReason, Generation, Message, Sampling
 from .models import ModelChoice
 from .profiles import Settings
 
 log = logging.getLogger(__name__)
-
-Message = dict[str, str]
-FinishReason = Literal["stop", "length", "cancelled", "timeout"]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings for one request (after the sampling policy)."""
-
-    temperature: float
-    """0 = greedy."""
-    top_k: int
-    """Top-k cut."""
-    top_p: float
-    """Nucleus cut."""
-    min_p: float
-    """Min-p cut."""
-    repeat_penalty: float
-    """1.0 = off."""
-    max_tokens: int
-    """Upper bound on generated tokens."""
-    seed: int
-    """Seed set before the request."""
-
-
-@dataclass(frozen=True)
-class Generation:
-    """The result of one generation."""
-
-    text: str
-    """The answer."""
-    prompt_tokens: int
-    """Tokens in the rendered prompt."""
-    completion_tokens: int
-    """Tokens generated."""
-    finish_reason: FinishReason
-    """Why it stopped."""
-    first_token_ms: float
-    """From start to the first generated token (prompt processing included)."""
-    total_ms: float
-    """From start to the end."""
-    prefix_cached: bool = False
-    """Whether the persona's prefix was already in the KV cache."""
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Generation speed after the first token."""
-        gen_ms = self.total_ms - self.first_token_ms
-        return (self.completion_tokens - 1) / (gen_ms / 1000) if self.completion_tokens > 1 and gen_ms > 0 else 0.0
-
 
 class Engine:
     """A loaded model. Create with ``Engine.load``."""
@@ -125,6 +75,11 @@ class Engine:
                  choice.n_ctx, settings.n_threads, settings.n_threads_batch, time.monotonic() - t0)
         return cls(llm, choice, settings, sha256)
 
+    def close(self) -> None:
+        """Unmap the model and free its context (the engine is unusable afterwards)."""
+        with self._lock:
+            self._llm.close()
+
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt text for ``messages`` in the model's own chat template."""
         return str(self._formatter(messages=list(messages)).prompt)
@@ -148,8 +103,8 @@ class Engine:
             raise ContextOverflowError(
                 f"the prompt is {len(prompt)} tokens and the context holds {self.n_ctx}: shorten the input")
         max_tokens = min(sampling.max_tokens, room)
-        prefix = self._prefix(messages, prompt)
         with self._lock:
+            prefix = self._prefix(messages, prompt)
             return self._run(prompt, prefix, sampling, max_tokens, on_text, cancel, deadline)
 
     def _prefix(self, messages: Sequence[Message], prompt: list[int]) -> list[int]:
@@ -242,7 +197,7 @@ class Engine:
         )
 
 
-class Embedder:
+class LlamaEmbedder:
     """Unit-length sentence embeddings from the same GGUF file (a second, small llama.cpp context, mean of tokens).
 
     The weights are memory-mapped once by the kernel for both contexts; this one adds a 512-token KV cache.
@@ -263,7 +218,7 @@ class Embedder:
                 log.warning("ignoring the embedding cache %s: %s", cache, exc)
 
     @classmethod
-    def load(cls, path: str, n_threads: int, cache: Path | None = None) -> Embedder:
+    def load(cls, path: str, n_threads: int, cache: Path | None = None) -> LlamaEmbedder:
         """Open ``path`` for embeddings; ``cache`` keeps remembered embeddings across restarts."""
         import llama_cpp
 
@@ -272,6 +227,11 @@ class Embedder:
         llm = llama_cpp.Llama(model_path=path, embedding=True, n_ctx=512, n_batch=512, n_ubatch=512,
                               n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
         return cls(llm, cache)
+
+    def close(self) -> None:
+        """Free the embedding context."""
+        with self._lock:
+            self._llm.close()
 
     def embed(self, texts: Sequence[str], remember: bool = False) -> Any:
         """One row per text, each of unit length; ``remember`` keeps them in the cache file (guard examples).
@@ -306,8 +266,9 @@ class Embedder:
         try:
             np.savez(tmp, texts=np.array(list(self._cache)), vectors=np.array(list(self._cache.values())))
             tmp.replace(self._cache_path)
-        except OSError as exc:  # a read-only model directory: embed again next time
+        except OSError as exc:  # a read-only or full disk: the vectors stay in memory, embedded again next start
             log.warning("cannot write the embedding cache %s: %s", self._cache_path, exc)
+            tmp.unlink(missing_ok=True)
 
 
 def _formatter(llm: Any, add_generation_prompt: bool = True) -> Any:

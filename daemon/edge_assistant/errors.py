@@ -63,6 +63,33 @@ class ModelTooLargeError(ModelError):
     exit_code = 69  # EX_UNAVAILABLE
 
 
+class InternalError(EdgeError):
+    """An unexpected fault while serving one request: the request gets this reply, the daemon keeps serving."""
+
+    code = "internal"
+
+
+class VoiceError(EdgeError):
+    """A voice device or model is missing or unusable; the rest of the daemon keeps serving."""
+
+    code = "voice_unavailable"
+    exit_code = 69  # EX_UNAVAILABLE
+
+
+class AskError(EdgeError):
+    """``edge-assistant ask``: the broker could not be reached or no reply came in time."""
+
+    code = "ask_failed"
+    exit_code = 69
+
+
+class KnowledgeError(EdgeError):
+    """The knowledge index cannot be opened or written (the documents themselves are skipped one by one)."""
+
+    code = "knowledge_unavailable"
+    exit_code = 74  # EX_IOERR
+
+
 class BrokerAuthError(EdgeError):
     """The broker refused the credentials, or the password could not be read."""
 
@@ -111,6 +138,12 @@ class ShuttingDownError(RequestError):
     """The daemon is stopping and will not serve this request."""
 
     code = "shutting_down"
+
+
+class ExpiredError(RequestError):
+    """The request's MQTT Message Expiry passed before it was served; the client has stopped waiting."""
+
+    code = "expired"
 
 
 class ForbiddenTopicError(RequestError):

@@ -1,9 +1,10 @@
-"""The MQTT transport: paho at the edge, the pipeline behind a queue.
+"""The MQTT transport: paho at the edge, the scheduler behind it.
 
-The paho network thread only parses, queues and acknowledges; one worker thread generates. Requests are
-acknowledged (QoS 1, manual acks) only once answered, with a persistent session (``clean_start=False`` and a
+The paho network thread only parses, submits and acknowledges; it never generates. Requests are acknowledged
+(QoS 1, manual acks) only once their reply is published, with a persistent session (``clean_start=False`` and a
 session expiry), so a request that arrives while the daemon restarts, or that was queued when it stopped, is
-delivered again and answered; a key seen before is answered once.
+delivered again and answered. The scheduler answers every submitted request exactly once; a redelivered one gets
+the stored reply.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,61 +27,46 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from . import protocol
-from .config import Config
+from .config import Config, PlcRoute
 from .discovery import discovery_payload, discovery_topic
-from .errors import BrokerAuthError, BusyError, EdgeError, RequestError, ShuttingDownError
+from .errors import BrokerAuthError, EdgeError, ExpiredError, RequestError
 from .health import HealthSampler
-from .jobqueue import PRIORITY_CHAT, JobQueue
-from .pipeline import Pipeline, Reply, Request, error_reply
+from .messages import Reply, error_reply
 from .plc import PlcGateway
+from .scheduler import PRIORITY_CHAT, Scheduler
 
 log = logging.getLogger(__name__)
 
 AUTH_FAILURES = {134, 135, 4, 5}  # v5: bad user name or password, not authorized; v3: the same two
 
 
-@dataclass
-class Job:
-    """A request waiting for the worker."""
-
-    incoming: protocol.Incoming
-    """The parsed request."""
-    mid: int
-    """MQTT message id, for the manual acknowledgement."""
-    qos: int
-    """QoS it arrived with."""
-    received: float
-    """``time.monotonic()`` on arrival."""
-    expires: float | None = None
-    """``time.monotonic()`` after which it is not answered (MQTT v5 Message Expiry)."""
-    publish: Callable[[Reply], None] | None = None
-    """Where the reply goes, when not to the reply topic (PLC explanations)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Transport details for logs."""
-
-
 class MqttService:
-    """Serves a pipeline over MQTT. ``start`` connects and starts the worker; ``stop`` drains and says offline."""
+    """Serves the scheduler over MQTT. ``start`` connects; ``stop`` says offline and disconnects.
 
-    def __init__(self, config: Config, pipeline: Pipeline, model: str = "", profile: str = "") -> None:
+    ``on_control`` gets control commands other than ``cancel`` (``listen``: push-to-talk, routed by the daemon to
+    the voice loop, whatever connection it came through).
+    """
+
+    def __init__(self, config: Config, scheduler: Scheduler, model: str = "", profile: str = "",
+                 on_control: Callable[[str], None] | None = None,
+                 make_client: Callable[[], paho.Client] | None = None) -> None:
         self.config = config
-        self.pipeline = pipeline
+        self.scheduler = scheduler
         self.model, self.profile = model, profile
         m = config.mqtt
         self.topics = protocol.Topics(m.prefix, config.device)
         self.allowed_prefix = m.response_prefix or f"{m.prefix}/"
-        self.queue: JobQueue[Job] = JobQueue(config.limits.queue_size)
         self.health = HealthSampler()
         self.plc = PlcGateway(config.plc)
         self.fatal: EdgeError | None = None
+        self.owner = f"mqtt-{id(self):x}"
         self._max_packet = m.max_reply_bytes
         self._connected = threading.Event()
         self._stopping = threading.Event()
-        self._cancel_current = threading.Event()
-        self.on_listen: Callable[[], None] | None = None
-        self._worker: threading.Thread | None = None
+        self.on_control = on_control
         self._health_thread: threading.Thread | None = None
-        self.client = self._make_client()
+        self.client = make_client() if make_client is not None else self._make_client()
+        self._wire(self.client)
 
     # -- connection -------------------------------------------------------------------------------------------
 
@@ -99,15 +84,17 @@ class MqttService:
         if m.tls:
             client.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None, keyfile=m.key_file or None,
                            cert_reqs=ssl.CERT_REQUIRED)
+        return client
+
+    def _wire(self, client: paho.Client) -> None:
         will = Properties(PacketTypes.WILLMESSAGE)
         client.will_set(self.topics.status, "offline", qos=1, retain=True, properties=will)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        return client
 
     def start(self, wait_s: float = 30.0) -> bool:
-        """Connect (retrying in the background), start the worker and health threads.
+        """Connect (retrying in the background), start the health thread.
 
         Returns whether the broker accepted the connection within ``wait_s``; raises ``BrokerAuthError`` on bad
         credentials.
@@ -117,8 +104,6 @@ class MqttService:
         props.SessionExpiryInterval = m.session_expiry_s
         self.client.connect_async(m.host, m.port, keepalive=m.keepalive, clean_start=False, properties=props)
         self.client.loop_start()
-        self._worker = threading.Thread(target=self._work, name="generate", daemon=True)
-        self._worker.start()
         self._health_thread = threading.Thread(target=self._health_loop, name="health", daemon=True)
         self._health_thread.start()
         deadline = time.monotonic() + wait_s
@@ -211,51 +196,86 @@ class MqttService:
         command = payload.decode("utf-8", errors="replace").strip().lower()
         if command == "cancel":
             log.info("control: cancelling the current generation")
-            self._cancel_current.set()
-        elif command == "listen" and self.on_listen is not None:
+            self.scheduler.cancel()
+        elif command == "listen" and self.on_control is not None:
             log.info("control: push-to-talk")
-            self.on_listen()
+            self.on_control(command)
         else:
             log.warning("control: unknown command %r", command[:40])
 
     def _request_message(self, msg: paho.MQTTMessage) -> bool:
         props = getattr(msg, "properties", None)
         response_topic = str(getattr(props, "ResponseTopic", "") or "")
-        correlation = getattr(props, "CorrelationData", None)
+        raw_corr = getattr(props, "CorrelationData", None)
+        correlation = bytes(raw_corr) if raw_corr else None
+        payload = bytes(msg.payload)
         try:
-            incoming = protocol.parse(self.topics, msg.topic, bytes(msg.payload),
+            incoming = protocol.parse(self.topics, msg.topic, payload,
                                       max_bytes=self.config.limits.max_payload_bytes,
                                       allowed_prefix=self.allowed_prefix, response_topic=response_topic,
-                                      correlation=bytes(correlation) if correlation else None)
+                                      correlation=correlation)
         except RequestError as exc:
-            # The reply topic may be the fault itself; send the error only where it is allowed to go.
-            body_reply_to, rid = protocol.salvage(bytes(msg.payload), self.config.limits.max_payload_bytes)
-            try:
-                topic = protocol.check_reply_topic(response_topic or body_reply_to, self.allowed_prefix)
-            except RequestError:
-                topic = ""
-            log.warning("bad request on %s: %s: %s", msg.topic, exc.code, exc.message)
-            self._send(protocol.Incoming(Request(text=""), topic, bytes(correlation) if correlation else None, ""),
-                       error_reply(rid, exc))
+            self._bad_request(msg.topic, payload, response_topic, correlation, exc)
             return False
         expiry = getattr(props, "MessageExpiryInterval", None)
-        job = Job(incoming, msg.mid, msg.qos, time.monotonic(),
-                  expires=time.monotonic() + float(expiry) if expiry else None)
-        return self._enqueue(job, PRIORITY_CHAT)
+        expires = time.monotonic() + float(expiry) if expiry else None
+        return self._submit(incoming, msg.mid, msg.qos, PRIORITY_CHAT, expires, redelivered=bool(msg.dup))
 
-    def _enqueue(self, job: Job, priority: int) -> bool:
-        why = self.queue.put(job, priority, job.incoming.key)
-        if why == "":
-            return True
-        if why == "full":
-            self._send(job.incoming, error_reply(job.incoming.request.id, BusyError(
-                f"the queue is full ({self.queue.maxsize} waiting); try again shortly")), job.publish)
-        elif why == "closed":
-            self._send(job.incoming, error_reply(job.incoming.request.id, ShuttingDownError(
-                "the daemon is shutting down")), job.publish)
-        return False  # duplicates are acknowledged and not answered again
+    def _bad_request(self, topic: str, payload: bytes, response_topic: str, correlation: bytes | None,
+                     exc: RequestError) -> None:
+        """Answer a request that did not parse, with its id and persona where they can still be read.
 
-    def _plc_message(self, route: Any, msg: paho.MQTTMessage) -> bool:
+        The reply topic may be the fault itself: the error goes only where replies may go. It is not copied to
+        the answer topic (that shows answers, not other clients' malformed messages).
+        """
+        reply_to, rid, persona = protocol.salvage(payload, self.config.limits.max_payload_bytes)
+        try:
+            reply_topic = protocol.check_reply_topic(response_topic or reply_to, self.allowed_prefix)
+        except RequestError:
+            reply_topic = ""
+        rid = rid or (protocol.correlation_text(correlation) if correlation else "")
+        persona = self.topics.persona_of(topic) or persona
+        log.warning("bad request on %s: %s: %s", topic, exc.code, exc.message)
+        if reply_topic:
+            self.client.publish(reply_topic, protocol.reply_payload(error_reply(rid, exc.code, exc.message, persona),
+                                                                    self._max_packet),
+                                qos=1, properties=self._props(correlation))
+
+    def _submit(self, inc: protocol.Incoming, mid: int, qos: int, priority: int, expires: float | None,
+                publish: Callable[[Reply], None] | None = None, redelivered: bool = False) -> bool:
+        """Hand a request to the scheduler; the ack goes out once its reply is published. Returns True (the ack
+        is deferred: the scheduler always answers, at once when it refuses).
+
+        A copy of a request still being answered is only acknowledged when the broker redelivered it (DUP); a
+        client that asked the same again gets the reply too."""
+        seq = 0
+
+        def on_text(piece: str) -> None:
+            nonlocal seq
+            seq += 1
+            self.client.publish(inc.reply_topic, protocol.chunk_payload(inc.request.id, seq, piece), qos=1,
+                                properties=self._props(inc.correlation))
+
+        def deliver(reply: Reply) -> None:
+            try:
+                if reply.error is not None and reply.error.code == ExpiredError.code:
+                    log.warning("request %s expired (MQTT message expiry) before it was served; not answered",
+                                inc.request.id or "-")
+                else:
+                    self._send(inc, reply, publish, seq + 1 if inc.request.stream and seq else None)
+            finally:
+                self.client.ack(mid, qos)
+
+        def ack_only(_reply: Reply) -> None:
+            self.client.ack(mid, qos)
+
+        streaming = inc.request.stream and bool(inc.reply_topic)
+        self.scheduler.submit(inc.request, deliver, key=inc.key, on_text=on_text if streaming else None,
+                              priority=priority, expires=expires, owner=self.owner,
+                              on_joined=ack_only if redelivered else deliver)
+        return True
+
+    def _plc_message(self, route: PlcRoute, msg: paho.MQTTMessage) -> bool:
         result = self.plc.accept(route, msg.topic, bytes(msg.payload), time.monotonic())
         if result.job is None:
             log.info("PLC %s: %s", msg.topic, result.reason)
@@ -265,46 +285,7 @@ class MqttService:
         def publish(reply: Reply) -> None:
             self.client.publish(out_topic, protocol.reply_payload(reply, self._max_packet), qos=1)
 
-        job = Job(result.job, msg.mid, msg.qos, time.monotonic(), publish=publish)
-        return self._enqueue(job, result.priority)
-
-    # -- work (worker thread) ---------------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            got = self.queue.get(timeout=1.0)
-            if got is None:
-                if self._stopping.is_set() and len(self.queue) == 0:
-                    return
-                continue
-            job, key = got
-            try:
-                self._serve(job)
-                self.queue.done(key)
-            except Exception:
-                log.exception("error serving request %s", job.incoming.request.id or "-")
-                self.queue.forget(key)
-            finally:
-                self.client.ack(job.mid, job.qos)
-
-    def _serve(self, job: Job) -> None:
-        inc = job.incoming
-        if job.expires is not None and time.monotonic() > job.expires:
-            log.warning("request %s expired before it was served (MQTT message expiry); not answered",
-                        inc.request.id or "-")
-            return
-        self._cancel_current.clear()
-        seq = 0
-
-        def on_text(piece: str) -> None:
-            nonlocal seq
-            if inc.request.stream and inc.reply_topic:
-                seq += 1
-                self.client.publish(inc.reply_topic, protocol.chunk_payload(inc.request.id, seq, piece), qos=1,
-                                    properties=self._props(inc.correlation))
-
-        reply = self.pipeline.handle(inc.request, on_text=on_text, cancel=self._cancel_current)
-        self._send(inc, reply, job.publish, seq + 1 if inc.request.stream else None)
+        return self._submit(result.job, msg.mid, msg.qos, result.priority, None, publish)
 
     def _props(self, correlation: bytes | None) -> Properties:
         props = Properties(PacketTypes.PUBLISH)
@@ -324,6 +305,11 @@ class MqttService:
         self.client.publish(self.topics.answer, protocol.answer_payload(reply, self._max_packet), qos=1,
                             retain=True)
 
+    def publish_answer(self, reply: Reply) -> None:
+        """Copy an answer given elsewhere (voice) to the answer topic."""
+        self.client.publish(self.topics.answer, protocol.answer_payload(reply, self._max_packet), qos=1,
+                            retain=True)
+
     def publish_voice(self, kind: str, data: dict[str, Any]) -> None:
         """A voice event (wake, partial, final, answer, barge_in) on ``<prefix>/<device>/voice/<kind>``."""
         self.client.publish(f"{self.topics.base}/voice/{kind}", json.dumps(data, ensure_ascii=False), qos=0)
@@ -333,9 +319,10 @@ class MqttService:
     def health_payload(self) -> dict[str, Any]:
         """Machine and daemon health, as published on the health topic."""
         data = self.health.sample()
-        data.update({"queue_depth": len(self.queue), "busy": self.pipeline.busy, "connected": self.connected,
-                     "last_tokens_per_s": round(self.pipeline.last_tokens_per_s, 2), "model": self.model,
-                     "quantization": self.pipeline.quantization, "profile": self.profile,
+        rt = self.scheduler.runtime
+        data.update({"queue_depth": self.scheduler.depth, "busy": self.scheduler.busy, "connected": self.connected,
+                     "last_tokens_per_s": round(self.scheduler.last_tokens_per_s, 2), "model": self.model,
+                     "quantization": rt.quantization if rt is not None else "", "profile": self.profile,
                      "device": self.config.device})
         return data
 
@@ -350,28 +337,20 @@ class MqttService:
 
     # -- shutdown ---------------------------------------------------------------------------------------------
 
-    def stop(self, grace_s: float = 10.0, handover: bool = False) -> None:
-        """Refuse new requests, answer queued ones ``shutting_down``, let the current one finish within
-        ``grace_s`` (then cancel it), publish ``offline`` and disconnect.
+    def stop(self, handover: bool = False) -> None:
+        """Publish ``offline`` and disconnect. Stop the scheduler first, so queued requests get their
+        ``shutting_down`` replies through this connection.
 
-        With ``handover`` (a reload that reconnects), queued requests are left unacknowledged instead: the broker
-        delivers them again to the next connection of the same session.
+        With ``handover`` (a reload that reconnects with new settings), the requests still queued are taken back
+        unacknowledged and ``offline`` is not published: the broker delivers them again to the next connection of
+        the same session.
         """
         self._stopping.set()
-        for job, key in self.queue.close():
-            if handover:
-                continue
-            self._send(job.incoming, error_reply(job.incoming.request.id, ShuttingDownError(
-                "the daemon is shutting down; the request was not served")), job.publish)
-            self.queue.done(key)
-            self.client.ack(job.mid, job.qos)
-        if self._worker is not None:
-            self._worker.join(grace_s)
-            if self._worker.is_alive():
-                log.warning("the current generation did not finish within %.0f s: cancelling it", grace_s)
-                self._cancel_current.set()
-                self._worker.join(10)
-        if not handover:
+        if handover:
+            left = self.scheduler.withdraw(self.owner)
+            if left:
+                log.info("handing %d queued request(s) over to the next connection", len(left))
+        else:
             info = self.client.publish(self.topics.status, "offline", qos=1, retain=True)
             try:
                 info.wait_for_publish(5)

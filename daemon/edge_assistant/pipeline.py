@@ -1,7 +1,8 @@
-"""One request to one reply: persona, input checks, sampling policy, engine.
+"""One request to one reply: persona, input checks, documents, sampling policy, engine, output check.
 
-Every transport (MQTT, voice, the CLI) builds a ``Request`` and gets a ``Reply``; the pipeline never raises for
-a request's own faults, it answers them with an error reply.
+``handle`` is called by the scheduler's inference thread only, with the ``Runtime`` of the moment. A request's own
+faults (unknown persona, empty text, context overflow) come back as error replies; a refusal comes back as the
+persona's fixed text. Anything else raised here is a bug, and the scheduler turns it into an ``internal`` reply.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from .config import Config
-from .engine import Embedder, Generation, Message, Sampling
-from .errors import EdgeError, RequestError, UnknownPersonaError
-from .guard import Chooser, GuardConfig, Relevance, Verdict, check_input, check_output
+from .config import Config, PersonaConfig
+from .errors import RequestError, UnknownPersonaError
+from .guard import GuardConfig, Relevance, Verdict, check_input, check_output
+from .knowledge import Passage, Retriever, answer_from_row, sources_of
+from .messages import ErrorInfo, Generation, Message, Reply, Request, Sampling, Usage, error_reply
 from .personas import build_messages
 from .sampling import policy
 
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class Generator(Protocol):
-    """What the pipeline needs of an engine (``engine.Engine`` is one)."""
+    """What the pipeline needs of an engine (``engine.Engine`` is one; tests use a fake)."""
 
     sha256: str
     backend: str
@@ -34,189 +36,50 @@ class Generator(Protocol):
                  cancel: threading.Event | None = None, deadline: float | None = None) -> Generation: ...
 
 
-@dataclass(frozen=True)
-class Request:
-    """One question, from any transport."""
+class Closable(Protocol):
+    """Something holding native memory (a model, an embedding context)."""
 
-    text: str
-    """The user's text."""
-    persona: str = ""
-    """Persona name; empty: the default persona."""
-    id: str = ""
-    """The client's request id, echoed in the reply."""
-    max_tokens: int | None = None
-    """Answer length bound (clamped to the ceiling)."""
-    temperature: float | None = None
-    """Requested temperature (clamped to the ceiling); None: the persona's."""
-    stream: bool = False
-    """Whether the client wants chunks while generating."""
-    quoted: bool = False
-    """The daemon assembled the text itself with every outside value quoted (PLC alarms): instructions inside it
-    are data, and it is on topic by construction. The output check still applies."""
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
-class ErrorInfo:
-    """A machine-readable error."""
+class Runtime:
+    """Everything a request is answered with, fixed for the runtime's life. A reload builds a new one and the
+    scheduler swaps it in between two requests, so no request ever sees half of an old one and half of a new one."""
 
-    code: str
-    """Stable code, e.g. ``busy``, ``bad_request``, ``context_overflow``."""
-    message: str
-    """A sentence for people."""
+    config: Config
+    """Personas, limits, guard settings."""
+    engine: Generator
+    """The loaded model."""
+    relevance: Mapping[str, Relevance] = field(default_factory=dict)
+    """Per persona: the guard's relevance layer, its examples embedded."""
+    knowledge: Retriever | None = None
+    """The plant's documents, when ``[knowledge] paths`` are configured."""
+    embedder: Any = None
+    """The embedding context behind ``relevance`` (kept so that a reload with the same model reuses it)."""
+    model_file: str = ""
+    """File name of the loaded model."""
+    quantization: str = ""
+    """Its quantization (``Q4_1``)."""
+    profile: str = ""
+    """The hardware profile it was loaded with."""
+    resources: tuple[Closable, ...] = ()
+    """What ``close`` releases: the engine, the embedder."""
 
-
-@dataclass(frozen=True)
-class Usage:
-    """What the request cost."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    first_token_ms: float
-    total_ms: float
-    tokens_per_s: float
-    prefix_cached: bool = False
-
-
-@dataclass(frozen=True)
-class Reply:
-    """The answer to a request, in the shape every transport sends."""
-
-    id: str
-    """The request's id."""
-    status: Literal["ok", "error", "refused"]
-    """``ok`` with text, ``error`` with an error, ``refused`` (off topic) with the persona's refusal text."""
-    text: str = ""
-    """The answer."""
-    persona: str = ""
-    """The persona that answered."""
-    error: ErrorInfo | None = None
-    """Set when ``status`` is ``error`` or ``refused``."""
-    usage: Usage | None = None
-    """Token counts and timings."""
-    provenance: dict[str, Any] = field(default_factory=dict)
-    """Model hash, quantization, seed, sampling, config hash, backend: what made this answer."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object sent to clients (``None`` fields left out)."""
-        return {k: v for k, v in asdict(self).items() if v not in (None, {}) or k in ("text",)}
-
-
-def error_reply(request_id: str, exc: EdgeError, persona: str = "") -> Reply:
-    """A reply carrying ``exc``'s code and message."""
-    return Reply(id=request_id, status="error", persona=persona, error=ErrorInfo(exc.code, exc.message))
-
-
-class Pipeline:
-    """Turns requests into replies with one engine and one configuration."""
-
-    def __init__(self, config: Config, engine: Generator, profile: str = "", quantization: str = "",
-                 model_file: str = "", embedder: Embedder | None = None) -> None:
-        self.engine = engine
-        self.profile = profile
-        self.quantization = quantization
-        self.model_file = model_file
-        self.embedder = embedder
-        self.last_tokens_per_s = 0.0
-        self.busy = False
-        """Whether a generation is running (for health and the busy sensor)."""
-        self.last_progress = time.monotonic()
-        """When a generation last moved (start, or a new piece of text): the watchdog's measure of progress."""
-        self.config = config
-        self.relevance = self._relevance(config)
-
-    def set_config(self, config: Config) -> None:
-        """Use a new configuration (personas, guard examples, limits) from the next request on."""
-        relevance = self._relevance(config)
-        self.config, self.relevance = config, relevance
-
-    def _relevance(self, config: Config) -> dict[str, Relevance]:
-        chooser = self.engine if isinstance(self.engine, Chooser) else None
-        return {name: Relevance(p.guard, self.embedder, chooser) for name, p in config.personas.items()}
-
-    def handle(self, request: Request, on_text: Callable[[str], None] | None = None,
-               cancel: threading.Event | None = None, deadline: float | None = None) -> Reply:
-        """Answer ``request``; errors of the request become error replies, nothing is raised for them."""
-        config = self.config
-        persona_name = request.persona or config.default_persona
-        try:
-            persona = config.personas.get(persona_name)
-            if persona is None:
-                raise UnknownPersonaError(
-                    f"unknown persona {persona_name!r} (have: {', '.join(sorted(config.personas))})")
-            if not request.text.strip():
-                raise RequestError("the request has no text")
-            if len(request.text) > persona.max_input_chars:
-                raise RequestError(f"the text is {len(request.text)} characters; persona {persona_name!r} "
-                                   f"takes at most {persona.max_input_chars}")
-            guard = replace(persona.guard, injection="quote") if request.quoted else persona.guard
-            verdict = check_input(request.text, guard)
-            if verdict.allowed and not request.quoted:
-                verdict = self.relevance[persona_name].check(request.text)
-            if not verdict.allowed:
-                return self._refuse(request, persona_name, persona.guard, verdict)
-            sampling, notes = policy(persona, config.limits, request.temperature, request.max_tokens)
-            for note in notes:
-                log.info("request %s: %s", request.id or "-", note)
-            if deadline is None:
-                deadline = time.monotonic() + config.limits.request_timeout_s
-            stop = threading.Event()
-            seen: list[str] = []
-            refused: list[Verdict] = []
-
-            def watch(piece: str) -> None:
-                # The output check runs on what has been generated so far, before a piece is passed on.
-                self.last_progress = time.monotonic()
-                seen.append(piece)
-                out = check_output("".join(seen), persona.guard, persona.system_prompt)
-                if not out.allowed:
-                    refused.append(out)
-                    stop.set()
-                    return
-                if on_text is not None:
-                    on_text(piece)
-                if cancel is not None and cancel.is_set():
-                    stop.set()
-
-            self.busy, self.last_progress = True, time.monotonic()
+    def close(self, keep: tuple[Closable, ...] = ()) -> None:
+        """Release the model, the embedding context and the index (after the scheduler swapped this runtime
+        out), except what ``keep`` names: the parts a new runtime took over."""
+        for r in self.resources:
+            if any(r is k for k in keep):
+                continue
             try:
-                gen = self.engine.generate(build_messages(persona, request.text), sampling, watch, stop, deadline)
-            finally:
-                self.busy, self.last_progress = False, time.monotonic()
-        except RequestError as exc:
-            log.info("request %s refused with %s: %s", request.id or "-", exc.code, exc.message,
-                     extra={"REQUEST_ID": request.id, "PERSONA": persona_name, "ERROR_CODE": exc.code})
-            return error_reply(request.id, exc, persona_name)
-        if refused:
-            return self._refuse(request, persona_name, persona.guard, refused[0])
-        self.last_tokens_per_s = gen.tokens_per_s or self.last_tokens_per_s
-        log.info("request %s (%s): %d+%d tokens, %s, %.0f ms", request.id or "-", persona_name, gen.prompt_tokens,
-                 gen.completion_tokens, gen.finish_reason, gen.total_ms,
-                 extra={"REQUEST_ID": request.id, "PERSONA": persona_name, "PROMPT_TOKENS": gen.prompt_tokens,
-                        "COMPLETION_TOKENS": gen.completion_tokens, "DURATION_MS": round(gen.total_ms),
-                        "FINISH_REASON": gen.finish_reason})
-        usage = Usage(gen.prompt_tokens, gen.completion_tokens, gen.finish_reason, round(gen.first_token_ms, 1),
-                      round(gen.total_ms, 1), round(gen.tokens_per_s, 2), gen.prefix_cached)
-        finish = gen.finish_reason
-        if finish in ("cancelled", "timeout"):
-            message = ("the generation was cancelled" if finish == "cancelled" else
-                       f"the generation ran past {config.limits.request_timeout_s:g} s and was stopped")
-            return Reply(id=request.id, status="error", text=gen.text, persona=persona_name,
-                         error=ErrorInfo(finish, message), usage=usage, provenance=self.provenance(sampling))
-        return Reply(id=request.id, status="ok", text=gen.text.strip(), persona=persona_name, usage=usage,
-                     provenance=self.provenance(sampling))
-
-    def _refuse(self, request: Request, persona: str, guard: GuardConfig, verdict: Verdict) -> Reply:
-        """The persona's fixed refusal, with the reason code; the details go to the log."""
-        log.info("request %s refused by the %s check: %s (%s)", request.id or "-", verdict.layer, verdict.code,
-                 verdict.detail, extra={"REQUEST_ID": request.id, "PERSONA": persona,
-                                        "REFUSAL_REASON": verdict.code, "REFUSAL_LAYER": verdict.layer})
-        return Reply(id=request.id, status="refused", text=guard.refusal, persona=persona,
-                     error=ErrorInfo(verdict.code, f"refused by the {verdict.layer} check"))
+                r.close()
+            except Exception:  # releasing must not stop a reload
+                log.exception("error releasing %r", r)
 
     def provenance(self, sampling: Sampling) -> dict[str, Any]:
         """What made an answer: enough to reproduce it byte for byte."""
-        return {
+        out = {
             "model_file": self.model_file,
             "model_sha256": self.engine.sha256,
             "quantization": self.quantization,
@@ -228,3 +91,129 @@ class Pipeline:
             "sampling": asdict(sampling),
             "config_sha256": self.config.digest,
         }
+        if self.knowledge is not None:
+            out["knowledge_sha256"] = self.knowledge.digest
+        return out
+
+
+def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None = None,
+           cancel: threading.Event | None = None, deadline: float | None = None,
+           progress: Callable[[], None] | None = None) -> Reply:
+    """Answer ``request`` with ``rt``; ``on_text`` gets each piece of the answer that passed the output check.
+
+    ``progress`` is called whenever generation moves (the watchdog's measure of a live request).
+    """
+    config = rt.config
+    persona_name = request.persona or config.default_persona
+    persona = config.personas.get(persona_name)
+    try:
+        if persona is None:
+            raise UnknownPersonaError(f"unknown persona {persona_name!r} (have: {', '.join(sorted(config.personas))})")
+        if not request.text.strip():
+            raise RequestError("the request has no text")
+        if len(request.text) > persona.max_input_chars:
+            raise RequestError(f"the text is {len(request.text)} characters; persona {persona_name!r} "
+                               f"takes at most {persona.max_input_chars}")
+        guard = replace(persona.guard, injection="quote") if request.quoted else persona.guard
+        verdict = check_input(request.text, guard)
+        if not verdict.allowed:
+            return _refuse(request, persona_name, persona.guard, verdict)
+        passages: list[Passage] = []
+        retrieval_ms: float | None = None
+        if persona.knowledge.enabled and rt.knowledge is not None:
+            t0 = time.monotonic()
+            # A PLC alarm is looked up by its fields (code, tag, alarm text), not by the prompt built around them.
+            query = " ".join(request.lookup) if request.quoted and request.lookup else request.text
+            passages = rt.knowledge.retrieve(query, limit=persona.knowledge.passages, strict_ids=not request.quoted)
+            retrieval_ms = round((time.monotonic() - t0) * 1000, 2)
+        covered = bool(passages)  # the documents widen the domain: what they cover is on topic
+        if not covered and not request.quoted and persona_name in rt.relevance:
+            verdict = rt.relevance[persona_name].check(request.text)
+            if not verdict.allowed:
+                return _refuse(request, persona_name, persona.guard, verdict)
+        if (persona.knowledge.enabled and rt.knowledge is not None and not covered
+                and persona.knowledge.fallback == "refuse"):
+            return _not_in_documents(request, persona_name, persona, retrieval_ms)
+        sampling, notes = policy(persona, config.limits, request.temperature, request.max_tokens)
+        for note in notes:
+            log.info("request %s: %s", request.id or "-", note)
+        row = answer_from_row(passages) if persona.knowledge.row_answers == "direct" else None
+        if row is not None:
+            if on_text is not None:
+                on_text(row)
+            usage = Usage(0, 0, "stop", 0.0, 0.0, 0.0, False, retrieval_ms)
+            return Reply(id=request.id, status="ok", text=row, persona=persona_name, usage=usage,
+                         sources=sources_of(passages[:1]), provenance=rt.provenance(sampling))
+        gen, refused = _generate(rt, persona, request, passages, sampling, on_text, cancel, deadline, progress)
+    except RequestError as exc:
+        log.info("request %s refused with %s: %s", request.id or "-", exc.code, exc.message,
+                 extra={"REQUEST_ID": request.id, "PERSONA": persona_name, "ERROR_CODE": exc.code})
+        return error_reply(request.id, exc.code, exc.message, persona_name)
+    if refused is not None:
+        return _refuse(request, persona_name, persona.guard, refused)
+    log.info("request %s (%s): %d+%d tokens, %s, %.0f ms", request.id or "-", persona_name, gen.prompt_tokens,
+             gen.completion_tokens, gen.finish_reason, gen.total_ms,
+             extra={"REQUEST_ID": request.id, "PERSONA": persona_name, "PROMPT_TOKENS": gen.prompt_tokens,
+                    "COMPLETION_TOKENS": gen.completion_tokens, "DURATION_MS": round(gen.total_ms),
+                    "FINISH_REASON": gen.finish_reason})
+    usage = Usage(gen.prompt_tokens, gen.completion_tokens, gen.finish_reason, round(gen.first_token_ms, 1),
+                  round(gen.total_ms, 1), round(gen.tokens_per_s, 2), gen.prefix_cached, retrieval_ms)
+    sources = sources_of(passages)
+    finish = gen.finish_reason
+    if finish in ("cancelled", "timeout"):
+        message = ("the generation was cancelled" if finish == "cancelled" else
+                   f"the generation ran past {config.limits.request_timeout_s:g} s and was stopped")
+        return Reply(id=request.id, status="error", text=gen.text, persona=persona_name,
+                     error=ErrorInfo(finish, message), usage=usage, sources=sources,
+                     provenance=rt.provenance(sampling))
+    return Reply(id=request.id, status="ok", text=gen.text.strip(), persona=persona_name, usage=usage,
+                 sources=sources, provenance=rt.provenance(sampling))
+
+
+def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: list[Passage], sampling: Sampling,
+              on_text: Callable[[str], None] | None, cancel: threading.Event | None, deadline: float | None,
+              progress: Callable[[], None] | None) -> tuple[Generation, Verdict | None]:
+    """Run the engine; the output check sees the answer so far before each piece is passed on."""
+    if deadline is None:
+        deadline = time.monotonic() + rt.config.limits.request_timeout_s
+    stop = threading.Event()
+    seen: list[str] = []
+    refused: list[Verdict] = []
+
+    def watch(piece: str) -> None:
+        if progress is not None:
+            progress()
+        seen.append(piece)
+        out = check_output("".join(seen), persona.guard, persona.system_prompt)
+        if not out.allowed:
+            refused.append(out)
+            stop.set()
+            return
+        if on_text is not None:
+            on_text(piece)
+        if cancel is not None and cancel.is_set():
+            stop.set()
+
+    messages = build_messages(persona, request.text, passages)
+    gen = rt.engine.generate(messages, sampling, watch, stop, deadline)
+    return gen, (refused[0] if refused else None)
+
+
+def _refuse(request: Request, persona: str, guard: GuardConfig, verdict: Verdict) -> Reply:
+    """The persona's fixed refusal, with the reason code; the details go to the log."""
+    log.info("request %s refused by the %s check: %s (%s)", request.id or "-", verdict.layer, verdict.code,
+             verdict.detail, extra={"REQUEST_ID": request.id, "PERSONA": persona,
+                                    "REFUSAL_REASON": verdict.code, "REFUSAL_LAYER": verdict.layer})
+    return Reply(id=request.id, status="refused", text=guard.refusal, persona=persona,
+                 error=ErrorInfo(verdict.code, f"refused by the {verdict.layer} check"))
+
+
+def _not_in_documents(request: Request, persona_name: str, persona: PersonaConfig,
+                      retrieval_ms: float | None) -> Reply:
+    """The persona's fixed text for a question the documents do not cover."""
+    log.info("request %s: nothing in the documents covers it", request.id or "-",
+             extra={"REQUEST_ID": request.id, "PERSONA": persona_name, "REFUSAL_REASON": "not_in_documents"})
+    usage = Usage(0, 0, "stop", 0.0, 0.0, 0.0, False, retrieval_ms)
+    return Reply(id=request.id, status="refused", text=persona.knowledge.not_found, persona=persona_name,
+                 error=ErrorInfo("not_in_documents", "the plant's documents do not cover this question"),
+                 usage=usage)

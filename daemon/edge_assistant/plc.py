@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from .config import PlcRoute
 from .errors import BadRequestError, PayloadTooLargeError, RequestError
-from .jobqueue import PRIORITY_ALARM
-from .pipeline import Request
+from .messages import Request
 from .protocol import Incoming
+from .scheduler import PRIORITY_ALARM
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,11 @@ class PlcGateway:
         values["gateway"] = quote_field(gateway)
         text = route.template.format(**values)
         rid = str(fields.get("id", "")) or f"{gateway}:{key[1]}:{int(now * 1000)}"
-        request = Request(text=text, persona=route.persona, id=rid, max_tokens=route.max_tokens, quoted=True)
+        # The alarm's code and tag are looked up in the plant's documents first: a row of the alarm table wins.
+        lookup = tuple(" ".join(str(fields[n]).split())[:MAX_FIELD] for n in ("code", "alarm_code", "tag", "alarm")
+                       if str(fields.get(n, "")).strip())
+        request = Request(text=text, persona=route.persona, id=rid, max_tokens=route.max_tokens, quoted=True,
+                          lookup=lookup)
         return PlcResult(Incoming(request, reply_topic, None, f"plc|{rid}"), "", reply_topic)
 
     def _fields(self, route: PlcRoute, payload: bytes) -> dict[str, object]:

@@ -8,13 +8,14 @@ Correlation Data; MQTT 3.1.1 clients put ``reply_to`` and ``id`` in the JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import BadRequestError, ForbiddenTopicError, PayloadTooLargeError
-from .pipeline import Reply, Request
+from .messages import Reply, Request
 
 FIELDS: dict[str, type | tuple[type, ...]] = {
     "text": str, "persona": str, "id": (str, int), "reply_to": str, "stream": bool, "max_tokens": int,
@@ -111,7 +112,12 @@ def decode_payload(payload: bytes, max_bytes: int) -> dict[str, Any]:
         data = json.loads(stripped)
     except json.JSONDecodeError as exc:
         raise BadRequestError(f"payload looks like JSON but does not parse: {exc.msg} at position {exc.pos}") from exc
+    except RecursionError as exc:
+        raise BadRequestError("payload JSON is nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer longer than Python's conversion limit
+        raise BadRequestError(f"payload JSON has a value that cannot be read: {exc}") from exc
     if isinstance(data, str):
+        _check_string("text", data)
         return {"text": data}
     if not isinstance(data, dict):
         raise BadRequestError(f"JSON payload must be an object or a string, got {type(data).__name__}")
@@ -123,11 +129,30 @@ def decode_payload(payload: bytes, max_bytes: int) -> dict[str, Any]:
             raise BadRequestError(f"field {key!r} has the wrong type (boolean)")
         if not isinstance(value, want):
             raise BadRequestError(f"field {key!r} has the wrong type ({type(value).__name__})")
+        if isinstance(value, str):
+            _check_string(key, value)
     if "text" not in data:
         raise BadRequestError("field 'text' is missing")
-    if "temperature" in data and not math.isfinite(data["temperature"]):
-        raise BadRequestError("field 'temperature' must be a finite number")
+    if "temperature" in data:
+        try:
+            finite = math.isfinite(float(data["temperature"]))
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise BadRequestError("field 'temperature' must be a finite number")
+    if "max_tokens" in data and not -(2**31) < data["max_tokens"] < 2**31:
+        raise BadRequestError("field 'max_tokens' is out of range")
+    if isinstance(data.get("id"), int) and not -(2**63) <= data["id"] < 2**63:
+        raise BadRequestError("field 'id' is out of range")
     return data
+
+
+def _check_string(key: str, value: str) -> None:
+    """JSON can carry lone surrogate escapes (``"\\ud800"``) that are no text: refuse them here, not later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequestError(f"field {key!r} holds an escape that is not a character (position {exc.start})") from exc
 
 
 def parse(topics: Topics, topic: str, payload: bytes, *, max_bytes: int, allowed_prefix: str,
@@ -147,26 +172,48 @@ def parse(topics: Topics, topic: str, payload: bytes, *, max_bytes: int, allowed
         temperature=float(data["temperature"]) if "temperature" in data else None,
         stream=bool(data.get("stream", False)),
     )
-    key = ""
-    if correlation:
-        key = f"{reply_topic}|c|{correlation.hex()}"
-    elif rid:
-        key = f"{reply_topic}|i|{rid}"
-    return Incoming(request, reply_topic, correlation, key)
+    return Incoming(request, reply_topic, correlation, request_key(reply_topic, correlation, rid, payload))
 
 
-def salvage(payload: bytes, max_bytes: int) -> tuple[str, str]:
-    """``(reply_to, id)`` from a request that was refused, where its JSON still says them (MQTT 3.1.1 clients)."""
+def request_key(reply_topic: str, correlation: bytes | None, rid: str, payload: bytes) -> str:
+    """Identity of a request for de-duplication: where it is answered, its correlation data or id, and its payload.
+
+    A redelivered message has all four the same: it is not run twice, and its stored reply is sent again. A new
+    question that reuses a fixed correlation data or id (a Node-RED node with a typed-in value) differs in its
+    payload and is answered as new. Without correlation data or an id there is no key.
+    """
+    if not correlation and not rid:
+        return ""
+    ident = f"c:{correlation.hex()}" if correlation else f"i:{rid}"
+    return f"{reply_topic}|{ident}|{hashlib.sha256(payload).hexdigest()[:24]}"
+
+
+def salvage(payload: bytes, max_bytes: int) -> tuple[str, str, str]:
+    """``(reply_to, id, persona)`` from a request that was refused, where its JSON still says them."""
     if len(payload) > max_bytes:
-        return "", ""
+        return "", "", ""
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return "", ""
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return "", "", ""
     if not isinstance(data, dict):
-        return "", ""
-    reply_to, rid = data.get("reply_to", ""), data.get("id", "")
-    return (reply_to if isinstance(reply_to, str) else "", str(rid) if isinstance(rid, str | int) else "")
+        return "", "", ""
+    out = []
+    for name in ("reply_to", "id", "persona"):
+        value = data.get(name, "")
+        number = name == "id" and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
+        text = str(value) if isinstance(value, str) or number else ""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = ""
+        out.append(text)
+    return out[0], out[1], out[2]
+
+
+def correlation_text(correlation: bytes) -> str:
+    """Correlation data as an id: its text when it is UTF-8, else its hex."""
+    return _corr_text(correlation)
 
 
 def _corr_text(correlation: bytes) -> str:
@@ -182,33 +229,43 @@ def reply_payload(reply: Reply, max_bytes: int, seq: int | None = None) -> bytes
     body["done"] = True
     if seq is not None:
         body["seq"] = seq
-    raw = json.dumps(body, ensure_ascii=False).encode()
+    raw = _encode(body)
     if len(raw) <= max_bytes:
         return raw
     text = body.get("text", "")
     over = len(raw) - max_bytes + 64
     body["text"] = text.encode()[: max(0, len(text.encode()) - over)].decode("utf-8", errors="ignore")
     body["truncated"] = True
-    raw = json.dumps(body, ensure_ascii=False).encode()
+    body.pop("sources", None)
+    raw = _encode(body)
     if len(raw) > max_bytes:  # provenance and usage alone are too big: keep the essentials
         body = {"id": reply.id, "status": reply.status, "text": body["text"][:200], "truncated": True,
                 "done": True}
-        raw = json.dumps(body, ensure_ascii=False).encode()
+        raw = _encode(body)
     return raw
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    """UTF-8 JSON; anything that is not a character is written as its JSON escape rather than failing."""
+    return json.dumps(body, ensure_ascii=False).encode("utf-8", errors="backslashreplace")
 
 
 def chunk_payload(request_id: str, seq: int, text: str) -> bytes:
     """One streamed piece of an answer."""
-    return json.dumps({"id": request_id, "seq": seq, "chunk": text, "done": False}, ensure_ascii=False).encode()
+    return _encode({"id": request_id, "seq": seq, "chunk": text, "done": False})
 
 
 def answer_payload(reply: Reply, max_bytes: int) -> bytes:
-    """The answer topic's JSON: ``state`` fits Home Assistant's 255-character cap, the full text is an attribute."""
-    text = reply.text if reply.status == "ok" else (reply.error.message if reply.error else reply.status)
-    body = {"state": text[:255], "status": reply.status, "id": reply.id, "persona": reply.persona,
-            "text": text, "error": reply.error.code if reply.error else None}
-    raw = json.dumps(body, ensure_ascii=False).encode()
+    """The answer topic's JSON: ``state`` is the text a person should read (the answer, the persona's refusal, or
+    the error's message), cut to Home Assistant's 255 characters; the full text, status, error code and sources
+    are attributes."""
+    text = reply.text or (reply.error.message if reply.error else reply.status)
+    body: dict[str, Any] = {"state": text[:255], "status": reply.status, "id": reply.id, "persona": reply.persona,
+                            "text": text, "error": reply.error.code if reply.error else None,
+                            "sources": [asdict(s) for s in reply.sources]}
+    raw = _encode(body)
     if len(raw) > max_bytes:
         body["text"] = text[: max_bytes // 4]
-        raw = json.dumps(body, ensure_ascii=False).encode()
+        body["sources"] = [{"document": s.document, "location": s.location} for s in reply.sources]
+        raw = _encode(body)
     return raw

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .config import Limits, PersonaConfig
-from .engine import Sampling
+from .messages import Sampling
 
 
 def policy(persona: PersonaConfig, limits: Limits, temperature: float | None = None,

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import app
 from .config import Config, load_config
-from .errors import EdgeError
+from .errors import EdgeError, VoiceError
 from .mqtt import MqttService
-from .pipeline import Pipeline
+from .pipeline import Runtime
+from .scheduler import Scheduler
 
 if TYPE_CHECKING:
     from .voice import VoiceLoop  # imported when voice is on: numpy and the audio stack stay unloaded otherwise
@@ -137,7 +138,12 @@ def _stderr_is_journal() -> bool:
 
 
 class Daemon:
-    """Loads, serves, pings the watchdog, reloads on SIGHUP and stops cleanly on SIGTERM."""
+    """Loads, serves, pings the watchdog, reloads on SIGHUP and stops cleanly on SIGTERM.
+
+    Threads: the main thread handles signals, the watchdog and ``STATUS=``; the scheduler's inference thread owns
+    the model; a reload runs on its own thread and hands the new runtime to the scheduler; MQTT has paho's network
+    thread and a health thread; voice has its loop and its speaker.
+    """
 
     def __init__(self, config: Config, config_path: Path | None, stall_s: float | None = None) -> None:
         self.config = config
@@ -146,11 +152,13 @@ class Daemon:
         self.stall_s = stall_s or config.limits.watchdog_stall_s or config.limits.request_timeout_s + 30
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._reloading: threading.Thread | None = None
         self.mqtt: MqttService | None = None
         self.plan: app.Plan | None = None
-        self.pipeline: Pipeline | None = None
+        self.scheduler: Scheduler | None = None
         self.voice: VoiceLoop | None = None
         self.voice_error = ""
+        self._loaded_file: tuple[str, int, int, int] | None = None
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -166,15 +174,17 @@ class Daemon:
         n.status("detecting hardware and choosing a model")
         self.plan = app.plan(self.config, voice=self.config.voice.enabled)
         choice = self.plan.choice
-        n.status(f"loading {choice.info.path.name} ({choice.info.quantization}, profile {self.plan.settings.profile})")
+        n.status(f"loading {choice.info.path.name} ({choice.info.quantization}, profile {self.plan.settings.profile})"
+                 + (" and indexing the documents" if self.config.knowledge.paths else ""))
         with _Extender(n):
-            _engine, pipeline = app.load(self.config, self.plan)
-        self.pipeline = pipeline
-        voice = self._make_voice(pipeline)  # before the broker: 'online' means every door is open
+            runtime = app.load(self.config, self.plan)
+        self._loaded_file = _identity(choice.info.path)
+        self.scheduler = Scheduler(runtime, self.config.limits.queue_size)
+        self.scheduler.start()
+        voice = self._make_voice(self.scheduler)  # before the broker: 'online' means every door is open
         if self.config.mqtt.enabled:
             n.status(f"connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
-            self.mqtt = MqttService(self.config, pipeline, model=choice.info.path.name,
-                                    profile=self.plan.settings.profile)
+            self.mqtt = self._make_mqtt(self.config)
             with _Extender(n):
                 self.mqtt.start(wait_s=60.0)
         self._start_voice(voice)
@@ -182,17 +192,27 @@ class Daemon:
         n.status(self._serving_status())
         return self._loop()
 
-    def _make_voice(self, pipeline: Pipeline) -> VoiceLoop | None:
+    def _make_mqtt(self, config: Config) -> MqttService:
+        assert self.plan is not None and self.scheduler is not None
+        return MqttService(config, self.scheduler, model=self.plan.choice.info.path.name,
+                           profile=self.plan.settings.profile, on_control=self._control)
+
+    def _control(self, command: str) -> None:
+        """Control commands other than cancel, from whichever MQTT connection is current."""
+        if command == "listen" and self.voice is not None:
+            self.voice.push_to_talk()
+
+    def _make_voice(self, scheduler: Scheduler) -> VoiceLoop | None:
         """The voice loop, models loaded; a missing device or model disables voice, nothing else."""
         if not self.config.voice.enabled:
             return None
-        from .voice import VoiceError, VoiceLoop, open_sink, open_source
+        from .voice import VoiceLoop, open_sink, open_source
 
         self.notifier.status("loading the voice models")
         try:
             with _Extender(self.notifier):
-                return VoiceLoop(self.config.voice, pipeline, open_source(self.config.voice),
-                                 open_sink(self.config.voice), self._voice_event)
+                return VoiceLoop.load(self.config.voice, self.config, scheduler, open_source(self.config.voice),
+                                      open_sink(self.config.voice), self._voice_event, self.notifier.status)
         except VoiceError as exc:
             log.error("voice is off: %s; MQTT keeps serving", exc.message)
             self.voice_error = exc.message
@@ -203,11 +223,9 @@ class Daemon:
             self.mqtt.publish_voice(kind, data)
 
     def _start_voice(self, loop: VoiceLoop | None) -> None:
-        """Run the voice loop on its own thread and take push-to-talk commands from MQTT."""
+        """Run the voice loop on its own thread (it restarts itself after errors)."""
         if loop is None:
             return
-        if self.mqtt is not None:
-            self.mqtt.on_listen = loop.push_to_talk
         self.voice = loop
         threading.Thread(target=self._run_voice, args=(loop,), name="voice", daemon=True).start()
 
@@ -216,7 +234,7 @@ class Daemon:
             loop.run()
             log.info("voice input ended")
         except Exception:
-            log.exception("the voice loop failed; MQTT keeps serving")
+            log.exception("the voice loop stopped; MQTT keeps serving")
 
     def _serving_status(self) -> str:
         assert self.plan is not None
@@ -224,13 +242,15 @@ class Daemon:
                  f"{self.config.device}" if self.mqtt else "without MQTT")
         voice = ("; voice on" if self.voice is not None else f"; voice off: {self.voice_error}" if self.voice_error
                  else "")
+        rt = self.scheduler.runtime if self.scheduler is not None else None
+        docs = (f"; {rt.knowledge.size} document passages" if rt is not None and rt.knowledge is not None else "")
         return (f"serving {self.plan.choice.info.path.name} with profile {self.plan.settings.profile} "
-                f"({self.plan.settings.n_threads} threads) {where}{voice}")
+                f"({self.plan.settings.n_threads} threads) {where}{voice}{docs}")
 
     def healthy(self) -> bool:
         """False when a generation (from MQTT or voice) has made no progress for longer than the stall bound."""
-        p = self.pipeline
-        return p is None or not (p.busy and time.monotonic() - p.last_progress > self.stall_s)
+        s = self.scheduler
+        return s is None or not (s.busy and time.monotonic() - s.last_progress > self.stall_s)
 
     def _loop(self) -> int:
         n = self.notifier
@@ -240,11 +260,14 @@ class Daemon:
             if self.mqtt is not None and self.mqtt.fatal is not None:
                 log.error("stopping: %s", self.mqtt.fatal.message)
                 n.send("STOPPING=1")
-                self.mqtt.stop(grace_s=1.0)
+                if self.scheduler is not None:
+                    self.scheduler.stop(grace_s=1.0)
+                self.mqtt.stop()
                 return self.mqtt.fatal.exit_code
-            if self._reload.is_set():
+            if self._reload.is_set() and (self._reloading is None or not self._reloading.is_alive()):
                 self._reload.clear()
-                self.reload()
+                self._reloading = threading.Thread(target=self.reload, name="reload", daemon=True)
+                self._reloading.start()
             if self.healthy():
                 stalled_logged = False
                 if n.watchdog_s:
@@ -257,48 +280,92 @@ class Daemon:
         n.status("stopping: finishing the current request")
         if self.voice is not None:
             self.voice.stop()
+        if self.scheduler is not None:
+            self.scheduler.stop(grace_s=self.config.limits.stop_grace_s)
         if self.mqtt is not None:
-            self.mqtt.stop(grace_s=self.config.limits.stop_grace_s)
+            self.mqtt.stop()
         log.info("stopped")
         return 0
 
     def reload(self) -> None:
-        """Re-read the config: personas, limits and MQTT take effect; the model reloads only if it changed."""
+        """Re-read the config and bring the documents' index up to date (on the reload thread).
+
+        Personas, limits, documents and MQTT take effect; the model is loaded again only when the config names
+        another one or its file changed (replaced by rename). The new runtime is swapped in between two requests;
+        watchdog pings go on meanwhile. A failed reload keeps the running configuration.
+        """
         n = self.notifier
         n.send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-        pipeline = self.pipeline
-        assert pipeline is not None, "reload before the model was loaded"
+        scheduler = self.scheduler
+        assert scheduler is not None and self.plan is not None, "reload before the model was loaded"
         try:
             new = load_config(self.config_path)
             old = self.config
-            if (new.model, new.profile) != (old.model, old.profile):
-                n.status("reloading: the model or profile changed, loading it")
-                plan = app.plan(new)
-                with _Extender(n):
-                    engine, _ = app.load(new, plan)
+            plan = app.plan(new, voice=new.voice.enabled)
+            current = scheduler.runtime
+            same_file = _identity(plan.choice.info.path) == self._loaded_file
+            if current is not None and same_file and (new.model, new.profile) == (old.model, old.profile):
+                n.status("reloading: configuration and documents")
+                knowledge = app.open_knowledge(new)
+                runtime = app.build_runtime(new, self.plan, current.engine, current.embedder,  # type: ignore[arg-type]
+                                            knowledge)
+            else:
+                runtime = self._reload_model(new, plan)
                 self.plan = plan
-                pipeline.engine = engine
-                pipeline.embedder = app.load_embedder(new, plan, engine.sha256)
-                pipeline.quantization = plan.choice.info.quantization
-                pipeline.model_file = plan.choice.info.path.name
-                pipeline.profile = plan.settings.profile
-            pipeline.set_config(new)
+                self._loaded_file = _identity(plan.choice.info.path)
+            scheduler.swap(runtime)
             self.config = new
-            if self.mqtt is not None:
-                if new.mqtt != old.mqtt or new.device != old.device or new.plc != old.plc:
-                    n.status("reloading: reconnecting with the new MQTT settings")
-                    assert self.plan is not None
-                    self.mqtt.stop(grace_s=self.config.limits.stop_grace_s, handover=True)
-                    self.mqtt = MqttService(new, pipeline, model=self.plan.choice.info.path.name,
-                                            profile=self.plan.settings.profile)
-                    self.mqtt.start(wait_s=30.0)
-                else:
-                    self.mqtt.config = new
+            self._reconnect(new, old)
             log.info("configuration reloaded (config %s)", new.digest[:12])
         except EdgeError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc.message)
+            n.status(f"reload failed: {exc.message}")
+        except Exception:
+            log.exception("reload failed with an unexpected error, keeping the running configuration")
         n.send("READY=1")
         n.status(self._serving_status())
+
+    def _reload_model(self, new: Config, plan: app.Plan) -> Runtime:
+        """Load the new model: beside the old one when memory allows, else after releasing the old one."""
+        assert self.scheduler is not None and self.plan is not None
+        n = self.notifier
+        old_size = self.plan.choice.info.size
+        need = plan.choice.info.size + old_size
+        budget = plan.hardware.mem_available * plan.settings.memory_share if plan.hardware.mem_available else 0
+        release = new.model.reload == "release_first" or (new.model.reload == "auto" and budget and need > budget)
+        if release:
+            n.status(f"reloading: releasing the old model, then loading {plan.choice.info.path.name}")
+            if not self.scheduler.release(timeout=self.config.limits.request_timeout_s + 10):
+                raise EdgeError("the running request did not end; the model was not reloaded")
+        else:
+            n.status(f"reloading: loading {plan.choice.info.path.name} beside the running model")
+        try:
+            return app.load(new, plan)
+        except EdgeError:
+            if release:  # the old model is gone: load it again, or nothing would answer
+                log.error("the new model failed to load; loading the previous one again")
+                self.scheduler.swap(app.load(self.config, self.plan))
+            raise
+
+    def _reconnect(self, new: Config, old: Config) -> None:
+        if self.mqtt is None:
+            return
+        if new.mqtt != old.mqtt or new.device != old.device or new.plc != old.plc:
+            self.notifier.status("reloading: reconnecting with the new MQTT settings")
+            self.mqtt.stop(handover=True)
+            self.mqtt = self._make_mqtt(new)
+            self.mqtt.start(wait_s=30.0)
+        else:
+            self.mqtt.config = new
+
+
+def _identity(path: Path) -> tuple[str, int, int, int] | None:
+    """A model file's identity: replaced by rename, it has another inode (the running process keeps the old one)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return str(path), st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def run(config: Config, config_path: Path | None) -> int:

@@ -1,0 +1,162 @@
+"""The values that travel between the layers: requests, replies, sampling settings, generations.
+
+Pure data: the policy modules, the transports and the engine all import these, and nothing here imports an I/O
+library, so a policy module never pulls in llama.cpp or paho.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Message = dict[str, str]
+"""One chat message: ``{"role": ..., "content": ...}``."""
+
+FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+Status = Literal["ok", "error", "refused"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings for one request (after the sampling policy)."""
+
+    temperature: float
+    """0 = greedy."""
+    top_k: int
+    """Top-k cut."""
+    top_p: float
+    """Nucleus cut."""
+    min_p: float
+    """Min-p cut."""
+    repeat_penalty: float
+    """1.0 = off."""
+    max_tokens: int
+    """Upper bound on generated tokens."""
+    seed: int
+    """Seed set before the request."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The result of one generation."""
+
+    text: str
+    """The answer."""
+    prompt_tokens: int
+    """Tokens in the rendered prompt."""
+    completion_tokens: int
+    """Tokens generated."""
+    finish_reason: FinishReason
+    """Why it stopped."""
+    first_token_ms: float
+    """From start to the first generated token (prompt processing included)."""
+    total_ms: float
+    """From start to the end."""
+    prefix_cached: bool = False
+    """Whether the persona's prefix was already in the KV cache."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generation speed after the first token."""
+        gen_ms = self.total_ms - self.first_token_ms
+        return (self.completion_tokens - 1) / (gen_ms / 1000) if self.completion_tokens > 1 and gen_ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One question, from any transport."""
+
+    text: str
+    """The user's text."""
+    persona: str = ""
+    """Persona name; empty: the default persona."""
+    id: str = ""
+    """The client's request id, echoed in the reply."""
+    max_tokens: int | None = None
+    """Answer length bound (clamped to the ceiling)."""
+    temperature: float | None = None
+    """Requested temperature (clamped to the ceiling); None: the persona's."""
+    stream: bool = False
+    """Whether the client wants chunks while generating."""
+    quoted: bool = False
+    """The daemon assembled the text itself with every outside value quoted (PLC alarms): instructions inside it
+    are data, and it is on topic by construction. The output check still applies."""
+    lookup: tuple[str, ...] = ()
+    """For a request the daemon assembled (``quoted``): the values to look up in the documents instead of its
+    text (a PLC alarm's code, tag and alarm text)."""
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """A machine-readable error."""
+
+    code: str
+    """Stable code, e.g. ``busy``, ``bad_request``, ``context_overflow``, ``not_in_documents``."""
+    message: str
+    """A sentence for people."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the request cost."""
+
+    prompt_tokens: int
+    """Tokens in the rendered prompt."""
+    completion_tokens: int
+    """Tokens generated."""
+    finish_reason: str
+    """``stop``, ``length``, ``cancelled`` or ``timeout``."""
+    first_token_ms: float
+    """From start to the first generated token."""
+    total_ms: float
+    """From start to the end."""
+    tokens_per_s: float
+    """Generation speed after the first token."""
+    prefix_cached: bool = False
+    """Whether the persona's prefix was already in the KV cache."""
+    retrieval_ms: float | None = None
+    """Time spent finding passages in the documents, when the persona answers from them."""
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A passage of the plant's documents that an answer was built from (chosen by code, not by the model)."""
+
+    document: str
+    """The document's path, relative to its configured knowledge path."""
+    location: str
+    """Where in it: ``page 3``, ``section Coolant > Concentration``, ``row 14 (code A412)``."""
+    excerpt: str
+    """The passage, cut to a few hundred characters."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to a request, in the shape every transport sends."""
+
+    id: str
+    """The request's id."""
+    status: Status
+    """``ok`` with text, ``error`` with an error, ``refused`` (off topic, or not in the documents) with the
+    persona's fixed text."""
+    text: str = ""
+    """The answer."""
+    persona: str = ""
+    """The persona that answered."""
+    error: ErrorInfo | None = None
+    """Set when ``status`` is ``error`` or ``refused``."""
+    usage: Usage | None = None
+    """Token counts and timings."""
+    sources: tuple[SourceRef, ...] = ()
+    """The document passages the answer came from."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Model hash, quantization, seed, sampling, config hash, backend, index digest: what made this answer."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object sent to clients (empty optional fields left out; ``text`` always there)."""
+        return {k: v for k, v in asdict(self).items() if v not in (None, {}, [], ()) or k == "text"}
+
+
+def error_reply(request_id: str, code: str, message: str, persona: str = "") -> Reply:
+    """A reply carrying an error code and message."""
+    return Reply(id=request_id, status="error", persona=persona, error=ErrorInfo(code, message))

@@ -1,0 +1,194 @@
+"""The MQTT service in process: a fake paho client through the seam, the real scheduler with a fake generator.
+
+Checks what a client would see on the wire: one final reply per request (errors included) to its response topic
+with its correlation data, the ack only after the reply, ids and personas echoed, stored replies for repeats.
+The same paths against a real Mosquitto and the real model are in test_mqtt.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_assistant.mqtt import MqttService
+from edge_assistant.scheduler import Scheduler
+
+from fakes import FakeClient, FakeEngine, FakeMessage, FakeProps, fake_config, fake_runtime
+
+REQ = "edge/dev1/request"
+REPLY = "edge/dev1/reply/t"
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.engine = FakeEngine()
+        config = fake_config(device_id="dev1", mqtt={"enabled": True, "discovery": False},
+                             plc=[{"topic": "plant/+/alarm"}])
+        self.scheduler = Scheduler(fake_runtime(self.engine, config), queue_size=4)
+        self.scheduler.start()
+        self.client = FakeClient()
+        self.controls: list[str] = []
+        self.service = MqttService(config, self.scheduler, on_control=self.controls.append,
+                                   make_client=lambda: self.client)  # type: ignore[arg-type,return-value]
+        self.mid = 0
+
+    def send(self, payload: bytes | str, topic: str = REQ, response_topic: str = REPLY,
+             correlation: bytes | None = None, mid: int | None = None, dup: bool = False) -> int:
+        if mid is None:
+            self.mid += 1
+            mid = self.mid
+        raw = payload.encode() if isinstance(payload, str) else payload
+        msg = FakeMessage(topic, raw, mid, 1, FakeProps(response_topic, correlation), dup=dup)
+        self.service._on_message(self.client, None, msg)  # type: ignore[arg-type]
+        return mid
+
+    def finals(self, topic: str = REPLY) -> list[dict[str, Any]]:
+        return [json.loads(p.payload) for p in self.client.on(topic) if json.loads(p.payload).get("done")]
+
+    def wait_acks(self, n: int) -> None:
+        self.client.wait(lambda: len(self.client.acks) >= n)
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    yield r
+    r.scheduler.stop(grace_s=1)
+
+
+def test_reply_with_correlation_then_ack(rig: Rig) -> None:
+    mid = rig.send('{"text": "What is a collet?", "id": "r1"}', correlation=b"\x01\x02")
+    rig.wait_acks(1)
+    (reply,) = [p for p in rig.client.on(REPLY)]
+    body = json.loads(reply.payload)
+    assert body["status"] == "ok" and body["id"] == "r1" and body["done"] is True
+    assert reply.properties.CorrelationData == b"\x01\x02"
+    assert rig.client.acks == [mid]
+    assert json.loads(rig.client.on("edge/dev1/answer")[0].payload)["id"] == "r1"
+
+
+def test_bad_request_error_echoes_id_and_persona_and_stays_off_the_answer_topic(rig: Rig) -> None:
+    rig.send('{"text": "hi", "id": "nr-7", "colour": "red"}', topic=REQ + "/translator")
+    rig.wait_acks(1)
+    (body,) = rig.finals()
+    assert body["status"] == "error" and body["error"]["code"] == "bad_request"
+    assert body["id"] == "nr-7" and body["persona"] == "translator"
+    assert rig.client.on("edge/dev1/answer") == []
+
+
+def test_an_internal_error_is_answered_and_acked(rig: Rig) -> None:
+    rig.engine.fail_on = "explode"
+    rig.send('{"text": "please explode", "id": "x1"}')
+    rig.wait_acks(1)
+    (body,) = rig.finals()
+    assert body["status"] == "error" and body["error"]["code"] == "internal" and body["id"] == "x1"
+    assert body["persona"] == "factory"
+
+
+def test_fixed_correlation_data_with_new_questions_gets_new_answers(rig: Rig) -> None:
+    """A Node-RED node with a typed-in correlation data: each new question is answered."""
+    rig.send("What is a collet?", correlation=b"fixed")
+    rig.send("What is coolant for?", correlation=b"fixed")
+    rig.send("What is a collet?", correlation=b"fixed")  # asked again: the stored reply, not a new run
+    rig.wait_acks(3)
+    texts = sorted(b["text"] for b in rig.finals())
+    assert texts == ["A echo: What is a collet?", "A echo: What is a collet?", "A echo: What is coolant for?"]
+    assert rig.engine.calls == ["What is a collet?", "What is coolant for?"]
+
+
+def test_redelivery_while_running_is_answered_once_and_both_acked(rig: Rig) -> None:
+    import threading
+
+    rig.engine.gate = threading.Event()
+    payload = '{"text": "slow one", "id": "d1"}'
+    rig.send(payload, mid=41)
+    assert rig.engine.started.wait(5)
+    rig.send(payload, mid=41, dup=True)  # the broker's redelivery after a reconnect
+    rig.engine.gate.set()
+    rig.wait_acks(2)
+    assert len(rig.finals()) == 1 and rig.client.acks == [41, 41]
+
+
+def test_a_redelivered_copy_of_an_answered_request_is_only_acknowledged(rig: Rig) -> None:
+    """The reply already went out (paho re-sends it after a reconnect); the broker's redelivered request only
+    needs its ack."""
+    payload = '{"text": "q", "id": "d2"}'
+    rig.send(payload, mid=7)
+    rig.wait_acks(1)
+    rig.send(payload, mid=7, dup=True)
+    rig.wait_acks(2)
+    assert len(rig.finals()) == 1 and rig.engine.calls == ["q"]
+
+
+def test_forbidden_response_topic_gets_nothing_there(rig: Rig) -> None:
+    rig.send('{"text": "hi", "id": "f"}', response_topic="elsewhere/steal")
+    assert rig.client.on("elsewhere/steal") == [] and rig.client.on("edge/dev1/answer") == []
+    assert rig.client.acks == [1]
+
+
+def test_full_queue_says_busy_to_the_client(rig: Rig) -> None:
+    import threading
+
+    rig.engine.gate = threading.Event()
+    rig.send('{"text": "running", "id": "r"}')
+    assert rig.engine.started.wait(5)
+    for i in range(5):
+        rig.send(json.dumps({"text": f"q{i}", "id": f"q{i}"}))
+    busy = [b for b in rig.finals() if b["error"] and b["error"]["code"] == "busy"]
+    assert [b["id"] for b in busy] == ["q4"]
+    rig.engine.gate.set()
+    rig.wait_acks(6)
+    assert sorted(b["id"] for b in rig.finals()) == ["q0", "q1", "q2", "q3", "q4", "r"]
+
+
+def test_control_commands(rig: Rig) -> None:
+    rig.send("listen", topic="edge/dev1/control", response_topic="")
+    assert rig.controls == ["listen"]
+    rig.send("nonsense", topic="edge/dev1/control", response_topic="")
+    assert rig.controls == ["listen"] and rig.client.acks == [1, 2]
+
+
+def test_plc_alarm_explained_on_its_reply_topic(rig: Rig) -> None:
+    rig.send('{"tag": "TT-101", "value": 92, "unit": "degC", "alarm": "spindle hot"}', topic="plant/gw1/alarm",
+             response_topic="")
+    rig.wait_acks(1)
+    (body,) = rig.finals("plant/gw1/alarm/explanation")
+    assert body["status"] == "ok" and "spindle hot" in body["text"]
+
+
+def test_streamed_chunks_then_final_with_seq(rig: Rig) -> None:
+    rig.send('{"text": "one two three", "id": "s", "stream": true}')
+    rig.wait_acks(1)
+    bodies = [json.loads(p.payload) for p in rig.client.on(REPLY)]
+    chunks = [b for b in bodies if b["done"] is False]
+    assert "".join(c["chunk"] for c in chunks) == bodies[-1]["text"]
+    assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1)) and bodies[-1]["seq"] == len(chunks) + 1
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=200).map(str.encode),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                 lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
+                     st.sampled_from(["text", "id", "persona", "stream", "max_tokens", "temperature", "x"]), kids,
+                     max_size=5), max_leaves=12).map(lambda v: json.dumps(v).encode()),
+    st.integers(min_value=1, max_value=4000).map(lambda n: b"[" * n + b"]" * n),
+    st.sampled_from([b'{"text": "\\ud800"}', b'{"text": "a", "id": "\\udfff"}', b'{"text": "a", "max_tokens": 1'
+                     + b"9" * 5000 + b"}", b'{"text": "a", "temperature": 1' + b"0" * 400 + b"}"]),
+))
+def test_fuzzed_payloads_each_get_exactly_one_final_reply(payload: bytes) -> None:
+    rig = Rig()
+    try:
+        rig.send(payload, correlation=b"c")
+        rig.wait_acks(1)
+        finals = rig.finals()
+        assert len(finals) == 1, finals
+        assert finals[0]["status"] in ("ok", "error", "refused")
+    finally:
+        rig.scheduler.stop(grace_s=1)
