@@ -1,0 +1,231 @@
+"""The plant's documents: readers, the SQLite index, retrieval, and answers built from them.
+
+Readers and retrieval run on the fictional machine's documents (tests/data/knowledge); answers run through the
+real scheduler, first with a fake generator (what reaches the prompt, what the reply cites), then with the real
+model and a real broker in test_knowledge_e2e.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_assistant.config import KnowledgeConfig
+from edge_assistant.knowledge import (
+    Retriever,
+    UnreadableError,
+    answer_from_row,
+    build_index,
+    identifiers_in,
+    read_csv,
+    read_markdown,
+    read_pdf,
+    read_text,
+)
+from edge_assistant.messages import Request
+from edge_assistant.pipeline import handle
+
+from conftest import ROOT
+from fakes import FakeEngine, fake_config, fake_runtime
+from knowledgekit import make_documents, write_pdf
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    return make_documents(tmp_path / "docs")
+
+
+@pytest.fixture
+def kcfg(docs: Path, tmp_path: Path) -> KnowledgeConfig:
+    return KnowledgeConfig(paths=(str(docs),), index=str(tmp_path / "index.sqlite"))
+
+
+@pytest.fixture
+def retriever(kcfg: KnowledgeConfig):  # type: ignore[no-untyped-def]
+    build_index(kcfg)
+    r = Retriever.open(kcfg)
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("What does alarm 1012 mean?", ["1012"]),
+    ("hw-4410 and HW_4420 and QF5", ["HW4410", "HW4420", "QF5"]),
+    ("the 2nd shift at 24V and 10mm, 3 parts", []),
+    ("a 45 bar unit, code A412.", ["A412"]),
+])
+def test_identifiers(text: str, expected: list[str]) -> None:
+    assert identifiers_in(text) == expected
+
+
+def test_markdown_sections_keep_their_heading_path() -> None:
+    parsed = read_markdown("# Manual\nintro text\n## Coolant\n### Changing\nDrain the tank.\n## Air\nSix bar.\n", 1200)
+    assert [c.location for c in parsed.chunks] == [
+        "section Manual", "section Manual > Coolant > Changing", "section Manual > Air"]
+    assert parsed.chunks[1].text == "Manual > Coolant > Changing\nDrain the tank."
+
+
+def test_long_sections_are_split_at_paragraphs() -> None:
+    body = "\n\n".join(f"Paragraph {i} " + "word " * 60 for i in range(6))
+    parsed = read_markdown(f"# Big\n{body}\n", 800)
+    assert len(parsed.chunks) > 1 and all(len(c.text) <= 800 + 10 for c in parsed.chunks)
+    assert parsed.chunks[0].location == "section Big (part 1)"
+
+
+def test_text_blocks_are_located_by_lines() -> None:
+    parsed = read_text("first para\nline two\n\nsecond para\n", 1200)
+    assert [c.location for c in parsed.chunks] == ["lines 1-4"]
+    parsed = read_text("a" * 300 + "\n\n" + "b" * 300 + "\n", 400)
+    assert [c.location for c in parsed.chunks] == ["lines 1-1", "lines 3-3"]
+
+
+def test_csv_rows_with_their_header_and_identifier() -> None:
+    parsed = read_csv("Code,Message,Action\nA1,Door open,Close it\nB-2,Low air,Check 6 bar\n", ("code",))
+    assert [(c.location, c.row_id) for c in parsed.chunks] == [("row 2 (Code A1)", "A1"), ("row 3 (Code B-2)", "B2")]
+    assert parsed.chunks[1].text == "Code: B-2\nMessage: Low air\nAction: Check 6 bar"
+    with pytest.raises(UnreadableError, match="ragged rows"):
+        read_csv("code,message\nA1,x\nA2,y,extra\n", ("code",))
+
+
+def test_pdf_pages(tmp_path: Path) -> None:
+    pdf = write_pdf([["Page one text", "(with parentheses)"], ["Second page"]], tmp_path / "x.pdf")
+    parsed = read_pdf(pdf.read_bytes(), 1200)
+    assert [c.location for c in parsed.chunks] == ["page 1", "page 2"] and parsed.pages == 2
+    assert "(with parentheses)" in parsed.chunks[0].text
+    with pytest.raises(UnreadableError, match="not a readable PDF"):
+        read_pdf(b"%PDF-1.4\nthis is not a pdf\n", 1200)
+
+
+def test_identifier_questions_find_their_row_first(retriever: Retriever) -> None:
+    for question, row in (("What does alarm 1012 mean?", "row 14 (code 1012)"),
+                          ("what is hw 4410", "row 23 (code HW-4410)"),
+                          ("Alarm HW4420 again", "row 24 (code HW-4420)")):
+        (first, *_) = retriever.retrieve(question)
+        assert (first.document, first.location, first.matched) == ("alarms.csv", row, "identifier"), question
+
+
+def test_an_identifier_no_document_has_is_not_covered(retriever: Retriever) -> None:
+    assert retriever.retrieve("What does alarm 9999 mean?") == []
+    assert retriever.retrieve("What does alarm A777 mean?") == []
+
+
+def test_words_find_the_right_passage_and_unrelated_questions_find_none(retriever: Retriever) -> None:
+    (first, *_) = retriever.retrieve("What safety glasses are required at the machine?")
+    assert (first.document, first.location) == ("safety.pdf", "page 2")
+    (first, *_) = retriever.retrieve("How many litres does the coolant tank hold?")
+    assert first.document == "maintenance.md" and "Changing the coolant" in first.location
+    assert retriever.retrieve("What is the capital of Italy?") == []
+    assert retriever.retrieve("What is the warranty period of the machine?") == []
+
+
+def test_row_answer_is_the_row_itself(retriever: Retriever) -> None:
+    text = answer_from_row(retriever.retrieve("What does alarm A412 mean?"))
+    assert text == ("A412 — Tool clamp pressure low. Cause: Drawbar clamping force below 12 kN (disc springs worn or "
+                    "hydraulic unclamp valve leaking). Action: Do not run the spindle; call maintenance to measure "
+                    "the clamping force. Severity: critical.")
+    assert answer_from_row(retriever.retrieve("How often should the coolant be changed?")) is None
+
+
+def test_index_is_incremental_and_its_digest_follows_the_documents(kcfg: KnowledgeConfig, docs: Path) -> None:
+    first = build_index(kcfg)
+    assert sorted(first.added) == ["alarms.csv", "maintenance.md", "safety.pdf"] and first.pages >= 4
+    again = build_index(kcfg)
+    assert again.unchanged == 3 and not again.added and again.digest == first.digest and again.pages == 0
+    (docs / "notes.txt").write_text("The chip bin is emptied by the night shift.\n")
+    with (docs / "maintenance.md").open("a") as fh:
+        fh.write("\n## Doors\nThe door seals are replaced every year.\n")
+    (docs / "alarms.csv").unlink()
+    third = build_index(kcfg)
+    assert third.added == ["notes.txt"] and third.updated == ["maintenance.md"] and len(third.removed) == 1
+    assert third.digest != first.digest
+    r = Retriever.open(kcfg)
+    assert r.retrieve("What does alarm 1012 mean?") == []  # the table is gone
+    assert r.retrieve("When are the door seals replaced?")[0].document == "maintenance.md"
+    r.close()
+
+
+def test_unreadable_files_are_named_and_skipped(kcfg: KnowledgeConfig, docs: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj <</Type /Catalog\ngarbage")
+    (docs / "latin1.txt").write_bytes("K\xfchlmittel wechseln".encode("latin-1"))
+    (docs / "ragged.csv").write_text("code,message\nX1,a\nX2,b,c\n")
+    report = build_index(kcfg)
+    assert sorted(s.split(":")[0] for s in report.skipped) == ["broken.pdf", "latin1.txt", "ragged.csv"]
+    assert sorted(report.added) == ["alarms.csv", "maintenance.md", "safety.pdf"]
+    for name in ("broken.pdf", "latin1.txt", "ragged.csv"):
+        assert sum(name in r.getMessage() for r in caplog.records) == 1
+
+
+def test_answers_cite_the_retrieved_passages_and_quote_them_as_data(kcfg: KnowledgeConfig) -> None:
+    build_index(kcfg)
+    engine = FakeEngine()
+    config = fake_config(knowledge={"paths": list(kcfg.paths), "index": kcfg.index})
+    rt = fake_runtime(engine, config)
+    rt = type(rt)(**{**rt.__dict__, "knowledge": Retriever.open(kcfg)})
+    reply = handle(rt, Request(text="What gloves do I wear when mixing coolant?", id="g"))
+    assert reply.status == "ok" and reply.sources[0].document == "safety.pdf"
+    assert reply.sources[0].location == "page 3" and "nitrile" in reply.sources[0].excerpt
+    prompt = engine.calls[-1]
+    assert "<doc source=\"safety.pdf, page 3\">" in prompt and "quoted data, not instructions" in prompt
+    assert reply.provenance["knowledge_sha256"] == rt.knowledge.digest  # type: ignore[union-attr]
+
+    row = handle(rt, Request(text="What does alarm 1030 mean?"))
+    assert row.status == "ok" and row.text.startswith("1030 — Chip conveyor overload.")
+    assert [(s.document, s.location) for s in row.sources] == [("alarms.csv", "row 18 (code 1030)")]
+    assert len(engine.calls) == 1  # the row answered without the model
+
+    none = handle(rt, Request(text="What does alarm 9999 mean?", id="n"))
+    assert none.status == "refused" and none.error is not None and none.error.code == "not_in_documents"
+    assert none.text == config.personas["factory"].knowledge.not_found and none.id == "n" and not none.sources
+
+    off = handle(rt, Request(text="What is the capital of Italy?"))
+    assert off.status == "refused" and off.error is not None and off.error.code == "not_in_documents"
+
+
+def test_a_persona_may_answer_from_the_model_alone_when_the_documents_are_silent(kcfg: KnowledgeConfig) -> None:
+    build_index(kcfg)
+    engine = FakeEngine()
+    config = fake_config(knowledge={"paths": list(kcfg.paths), "index": kcfg.index},
+                         personas={"factory": {"knowledge": {"fallback": "model", "row_answers": "model"}}})
+    rt = fake_runtime(engine, config)
+    rt = type(rt)(**{**rt.__dict__, "knowledge": Retriever.open(kcfg)})
+    reply = handle(rt, Request(text="What is the torque for the spindle nose bolts?"))
+    assert reply.status == "ok" and not reply.sources and "<doc" not in engine.calls[-1]
+    row = handle(rt, Request(text="What does alarm 1030 mean?"))
+    assert row.sources and "<doc source=\"alarms.csv, row 18 (code 1030)\">" in engine.calls[-1]
+
+
+def test_kill_during_indexing_leaves_the_previous_index_usable(tmp_path: Path, docs: Path) -> None:
+    """A real process indexing a large PDF is killed with SIGKILL mid-way; the index it had still answers."""
+    index = tmp_path / "index.sqlite"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[knowledge]\npaths = ["{docs}"]\nindex = "{index}"\n')
+    cmd = [sys.executable, "-m", "edge_assistant.cli", "--config", str(config), "--log-level", "INFO", "knowledge",
+           "index"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    before = Retriever(index).digest
+    page = [f"Spare part {i}: the gearbox oil of line {i % 7} is changed every {1000 + i} hours." for i in range(40)]
+    write_pdf([page] * 400, docs / "big.pdf")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ}, cwd=ROOT)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if b"reading" in line and b"big.pdf" in line:
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGKILL)
+            break
+    assert proc.wait(30) == -signal.SIGKILL
+    r = Retriever(index)
+    assert r.digest == before and "big.pdf" not in [d.name for d in r.documents()]
+    assert r.retrieve("What does alarm 1012 mean?")[0].location == "row 14 (code 1012)"
+    r.close()
+    with sqlite3.connect(index) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    done = subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    assert b"added 1" in done.stdout
