@@ -143,8 +143,8 @@ def test_cli_models_lists_and_explains(model_dir_with) -> None:  # type: ignore[
 
 
 @pytest.mark.parametrize(("setup", "code", "text"), [
-    ("empty", 66, "no readable GGUF model"),
-    ("corrupt", 66, "truncated"),
+    ("empty", 66, "no GGUF model"),
+    ("corrupt", 65, "truncated"),  # as the README's table says: a corrupt or truncated file exits 65
     ("badsum", 67, "SHA-256 is"),
 ])
 def test_cli_exit_codes(tmp_path: Path, model_path: Path, setup: str, code: int, text: str) -> None:

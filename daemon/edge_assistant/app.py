@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import Config
 from .engine import Engine, LlamaEmbedder
-from .errors import ModelMissingError
+from .errors import ModelCorruptError, ModelMissingError
 from .guard import Chooser, Relevance
 from .hardware import HardwareInfo, detect
 from .knowledge import Retriever, build_index
@@ -54,10 +54,11 @@ def plan(config: Config, root: Path = Path("/"), voice: bool = False) -> Plan:
         infos, unreadable = [inspect(path)], list[str]()
     else:
         infos, unreadable = scan(directory)
+        if not infos and unreadable:  # files are there, but none is a readable model: corrupt, not missing
+            raise ModelCorruptError(f"{directory}: no readable GGUF model ({'; '.join(unreadable)})")
         if not infos:
-            detail = f" ({'; '.join(unreadable)})" if unreadable else ""
-            raise ModelMissingError(f"{directory}: no readable GGUF model{detail}. Run scripts/setup to fetch "
-                                    "the default model, or set model.dir")
+            raise ModelMissingError(f"{directory}: no GGUF model. Run scripts/setup to fetch the default model, "
+                                    "or set model.dir")
     choice = choose(infos, settings.quant_order, budget, settings.n_ctx, config.model.min_ctx)
     return Plan(hw, settings, choice, tuple(unreadable))
 

@@ -255,10 +255,7 @@ def cmd_knowledge(args: argparse.Namespace) -> int:
             for d in docs:
                 print(f"  {d.name:<40} {d.kind:<8} {d.pages:4d} pages {d.chunks:5d} passages  {d.sha256[:12]}")
             return 0
-        text = " ".join(args.text or [])
-        if not text.strip():
-            print("edge-assistant: knowledge search needs the text to search for", file=sys.stderr)
-            return 64
+        text = " ".join(args.text)
         t0 = time.monotonic()
         found = retriever.search(text, limit=args.limit)
         ms = (time.monotonic() - t0) * 1000
@@ -335,11 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("knowledge", help="the plant's documents: index them, list them, search them")
-    p.add_argument("action", choices=["index", "list", "search"])
-    p.add_argument("text", nargs="*", help="what to search for (search)")
-    p.add_argument("--limit", type=int, default=5, help="passages to show (search)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_knowledge)
+    ksub = p.add_subparsers(dest="action", required=True)
+    k = ksub.add_parser("index", help="bring the index up to date with [knowledge] paths")
+    k.add_argument("--json", action="store_true")
+    k = ksub.add_parser("list", help="the indexed documents")
+    k.add_argument("--json", action="store_true")
+    k = ksub.add_parser("search", help="the passages a question finds, with their scores and why")
+    k.add_argument("text", nargs="+", help="the question")
+    k.add_argument("--limit", type=int, default=5, help="passages to show")
+    k.add_argument("--json", action="store_true")
+    for k in (p, *ksub.choices.values()):
+        k.set_defaults(func=cmd_knowledge)
+        if k is not p:
+            k.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            k.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     for p in sub.choices.values():  # as people type them: after the subcommand too
         p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -533,12 +533,12 @@ class Retriever:
             if strict_ids and idents and not by_id:
                 # An identifier no document has: the documents do not cover this question, whatever its words.
                 return [replace_coverage(p, 0.0) for p in self._by_words(question, limit)]
-            words = self._by_words(question, CANDIDATES)
-            seen = {(p.document, p.location) for p in by_id}
-            rest = [p for p in words if (p.document, p.location) not in seen]
-            if by_id and named:
-                log.debug("identifiers without a row: %s", named)
-            return (by_id + rest)[:limit]
+            if by_id:
+                # The identifier's own passages only: a small model does best with few, relevant ones.
+                if named:
+                    log.debug("identifiers without a passage: %s", named)
+                return by_id[:limit]
+            return self._by_words(question, limit)
 
     def _by_identifier(self, idents: Sequence[str]) -> list[Passage]:
         out: list[Passage] = []

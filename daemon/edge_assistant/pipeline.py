@@ -137,13 +137,14 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
         sampling, notes = policy(persona, config.limits, request.temperature, request.max_tokens)
         for note in notes:
             log.info("request %s: %s", request.id or "-", note)
-        row = answer_from_row(passages) if persona.knowledge.row_answers == "direct" else None
-        if row is not None:
+        direct = _direct_answer(persona, passages)
+        if direct is not None:
+            text, passage = direct
             if on_text is not None:
-                on_text(row)
+                on_text(text)
             usage = Usage(0, 0, "stop", 0.0, 0.0, 0.0, False, retrieval_ms)
-            return Reply(id=request.id, status="ok", text=row, persona=persona_name, usage=usage,
-                         sources=sources_of(passages[:1]), provenance=rt.provenance(sampling))
+            return Reply(id=request.id, status="ok", text=text, persona=persona_name, usage=usage,
+                         sources=sources_of([passage]), provenance=rt.provenance(sampling))
         gen, refused = _generate(rt, persona, request, passages, sampling, on_text, cancel, deadline, progress)
     except RequestError as exc:
         log.info("request %s refused with %s: %s", request.id or "-", exc.code, exc.message,
@@ -168,6 +169,14 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
                      provenance=rt.provenance(sampling))
     return Reply(id=request.id, status="ok", text=gen.text.strip(), persona=persona_name, usage=usage,
                  sources=sources, provenance=rt.provenance(sampling))
+
+
+def _direct_answer(persona: PersonaConfig, passages: list[Passage]) -> tuple[str, Passage] | None:
+    """The table row a question names by its identifier, in its own words, where the persona asks for that."""
+    if persona.knowledge.row_answers != "direct":
+        return None
+    row = answer_from_row(passages)
+    return (row, passages[0]) if row is not None else None
 
 
 def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: list[Passage], sampling: Sampling,

@@ -1,0 +1,274 @@
+"""Faults against the real parts: a broker killed mid-stream, a daemon killed with requests queued, an exception
+inside generation, a voice source that fails, a full disk under the embedding cache, a model file replaced while
+serving. Nothing lost, nothing generated twice, every client gets a reply."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_assistant.messages import Generation, Message, Request, Sampling
+from edge_assistant.pipeline import Runtime
+from edge_assistant.scheduler import Scheduler
+
+from conftest import ROOT
+from mqttkit import Broker, Client, DaemonProcess, write_config
+
+Q = "Spindle 3 shows alarm 1012, coolant pressure low. What should I check first?"
+
+
+def served(log: str, rid: str) -> int:
+    """How often the daemon generated an answer for request ``rid`` (its log line per finished request)."""
+    return log.count(f"request {rid} (")
+
+
+@pytest.mark.broker
+def test_broker_killed_mid_stream(broker: Broker, tmp_path: Path, watcher: Client) -> None:
+    cfg = write_config(tmp_path / "c.toml", broker, "bk1")
+    client = Client(broker, client_id="stream-client", persistent=True)
+    client.subscribe("edge/bk1/reply/s")
+    watcher.subscribe("edge/bk1/status")
+    d = DaemonProcess(cfg).start(wait_online=watcher, device="bk1")
+    try:
+        client.publish("edge/bk1/request", json.dumps({
+            "text": "Describe, step by step, the complete weekly maintenance of a CNC lathe.", "id": "s1",
+            "stream": True, "max_tokens": 400}), response_topic="edge/bk1/reply/s")
+        client.wait_for("edge/bk1/reply/s", lambda m: m.json().get("done") is False, timeout=60)
+        time.sleep(1.2)  # past the broker's one-second autosave: the sessions are on disk
+        assert broker.proc is not None
+        broker.proc.kill()
+        broker.proc.wait()
+        broker.proc = None
+        time.sleep(1.0)
+        broker.start()
+        finals = client.wait_for("edge/bk1/reply/s", lambda m: m.json().get("done") is True, timeout=180)
+        time.sleep(2)
+    finally:
+        d.stop()
+    finals = [m.json() for m in client.on("edge/bk1/reply/s") if m.json().get("done") is True]
+    client.close()
+    assert finals and {f["id"] for f in finals} == {"s1"} and len({f["text"] for f in finals}) == 1
+    assert finals[0]["status"] == "ok"
+    assert served(d.text(), "s1") == 1  # generated once, whatever QoS 1 delivered twice
+    assert "Traceback" not in d.text()
+
+
+@pytest.mark.broker
+def test_daemon_killed_with_ten_requests_queued(broker: Broker, tmp_path: Path, watcher: Client) -> None:
+    cfg = write_config(tmp_path / "c.toml", broker, "dk1")
+    client = Client(broker, client_id="queue-client", persistent=True)
+    client.subscribe("edge/dk1/reply/q")
+    watcher.subscribe("edge/dk1/status")
+    d = DaemonProcess(cfg).start(wait_online=watcher, device="dk1")
+    for i in range(11):  # one runs, ten wait
+        client.publish("edge/dk1/request", json.dumps({"text": f"Question {i}: how do I check the way oil?",
+                                                        "id": f"k{i}", "max_tokens": 60 if i == 0 else 12}),
+                       response_topic="edge/dk1/reply/q")
+    client.wait_for("edge/dk1/reply/q", timeout=120)  # the first is answered, the rest are queued or running
+    d.signal(signal.SIGKILL)
+    d.wait()
+    first = d.text()
+    d2 = DaemonProcess(cfg).start(wait_online=watcher, device="dk1")
+    try:
+        client.wait_for("edge/dk1/reply/q", count=11, timeout=300)
+        time.sleep(2)
+    finally:
+        d2.stop()
+    ids = sorted(m.json()["id"] for m in client.on("edge/dk1/reply/q"))
+    client.close()
+    assert ids == sorted(f"k{i}" for i in range(11))  # every one answered, none twice
+    for i in range(11):
+        assert served(first, f"k{i}") + served(d2.text(), f"k{i}") == 1, i
+
+
+class Exploding:
+    """The real engine, with an exception thrown from inside its token loop on request."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.sha256, self.backend, self.runtime = engine.sha256, engine.backend, engine.runtime
+        self.armed = False
+
+    def generate(self, messages: list[Message], sampling: Sampling, on_text: Any = None, cancel: Any = None,
+                 deadline: float | None = None) -> Generation:
+        count = 0
+
+        def boom(piece: str) -> None:
+            nonlocal count
+            count += 1
+            if self.armed and count == 5:
+                raise MemoryError("injected inside generation")
+            if on_text is not None:
+                on_text(piece)
+
+        return self.engine.generate(messages, sampling, boom, cancel, deadline)  # type: ignore[no-any-return]
+
+
+@pytest.mark.model
+def test_exception_inside_generation_then_the_same_bytes(runtime: Runtime) -> None:
+    """The real model throws mid-answer: that request gets ``internal``, and the next one answers exactly as an
+    undisturbed daemon would."""
+    engine = Exploding(runtime.engine)
+    s = Scheduler(replace(runtime, engine=engine, resources=()))
+    s.start()
+    try:
+        before = s.ask(Request(text=Q, max_tokens=40, id="a"))
+        engine.armed = True
+        broken = s.ask(Request(text=Q, max_tokens=40, id="b"))
+        engine.armed = False
+        after = s.ask(Request(text=Q, max_tokens=40, id="c"))
+    finally:
+        s.stop()
+    assert broken.status == "error" and broken.error is not None and broken.error.code == "internal"
+    assert broken.id == "b" and broken.persona == "factory"
+    assert after.status == "ok" and after.text == before.text
+
+
+@pytest.mark.broker
+def test_model_replaced_by_rename_while_serving_then_sighup(broker: Broker, tmp_path: Path, watcher: Client,
+                                                            quantized: dict[str, Path]) -> None:
+    """The model file is replaced by rename (never rewritten in place) while requests run, then SIGHUP: the old
+    mapping serves until the swap, every request is answered once, and the answers name the new file's hash."""
+    models = tmp_path / "models"
+    models.mkdir()
+    target = models / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    shutil.copy(quantized["Q4_1"], target)
+    cfg = write_config(tmp_path / "c.toml", broker, "mr1")
+    cfg.write_text(cfg.read_text().replace(f'dir = "{os.environ.get("EDGE_ASSISTANT_MODEL_DIR", ROOT / "models")}"',
+                                           f'dir = "{models}"'))
+    client = Client(broker)
+    client.subscribe("edge/mr1/reply/m")
+    watcher.subscribe("edge/mr1/status")
+    d = DaemonProcess(cfg).start(wait_online=watcher, device="mr1")
+    try:
+        def ask(rid: str) -> None:
+            client.publish("edge/mr1/request", json.dumps({"text": "How do I check the coolant?", "id": rid,
+                                                            "max_tokens": 30}), response_topic="edge/mr1/reply/m")
+
+        ask("old")
+        (old,) = client.wait_for("edge/mr1/reply/m", lambda m: m.json()["id"] == "old", timeout=60)
+        for i in range(4):
+            ask(f"during{i}")
+        part = target.with_name(target.name + ".part")
+        shutil.copy(quantized["Q8_0"], part)  # another file, same name once renamed
+        part.replace(target)
+        d.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        while "configuration reloaded" not in d.text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "configuration reloaded" in d.text(), d.text()[-2000:]
+        ask("new")
+        client.wait_for("edge/mr1/reply/m", lambda m: m.json()["id"] == "new", timeout=120)
+        client.wait_for("edge/mr1/reply/m", count=6, timeout=120)
+        time.sleep(1)
+    finally:
+        d.stop()
+    replies = {m.json()["id"]: m.json() for m in client.on("edge/mr1/reply/m")}
+    client.close()
+    assert sorted(m.json()["id"] for m in client.on("edge/mr1/reply/m")) == sorted(
+        ["old", "new", *(f"during{i}" for i in range(4))])
+    assert all(r["status"] == "ok" for r in replies.values())
+    assert old.json()["provenance"]["quantization"] == "Q4_1"
+    assert replies["new"]["provenance"]["quantization"] == "Q8_0"
+    assert replies["new"]["provenance"]["model_sha256"] != old.json()["provenance"]["model_sha256"]
+    assert "Traceback" not in d.text()
+
+
+FULL_DISK_PROBE = """
+import logging, sys
+logging.basicConfig(level=logging.INFO)
+from edge_assistant import app
+from edge_assistant.config import load_config
+from edge_assistant.messages import Request
+from edge_assistant.scheduler import Scheduler
+cfg = load_config(None, {"model": {"dir": sys.argv[1]}, "mqtt": {"enabled": False}})
+s = Scheduler(app.load(cfg, app.plan(cfg)))
+s.start()
+print(s.ask(Request(text="What is a collet?", max_tokens=8)).status)
+print(s.ask(Request(text="Tell me a joke about cats")).status)
+s.stop()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs")
+def test_full_disk_under_the_embedding_cache(tmp_path: Path, model_path: Path) -> None:
+    """The model directory is a tiny tmpfs, filled up: the guard's embedding cache cannot be written, which is
+    logged; the daemon embeds in memory and answers (and refuses) as usual."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(FULL_DISK_PROBE)
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    script = f"""set -e
+mount -t tmpfs -o size=64k tmpfs {mnt}
+ln -s {model_path} {mnt}/{model_path.name}
+dd if=/dev/zero of={mnt}/filler bs=4k count=100 2>/dev/null || true
+PYTHONPATH={ROOT / "daemon"} {sys.executable} {probe} {mnt}
+"""
+    run = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["ok", "refused"]
+    assert "cannot write the embedding cache" in run.stderr and "No space left on device" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+class FlakySource:
+    """A WAV source whose first reading breaks off with an error, as an unplugged device does."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.rate = inner.rate
+        self.opened = 0
+
+    def chunks(self) -> Iterator[bytes]:
+        self.opened += 1
+        for i, pcm in enumerate(self.inner.chunks()):
+            if self.opened == 1 and i == 3:
+                raise OSError("input overflowed: device unplugged")
+            yield pcm
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.model
+def test_voice_source_fails_then_speech_is_answered(tmp_path: Path, runtime: Runtime,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real Vosk, Piper and model: the audio input fails, the loop says so and starts again, then hears the
+    Korean question and speaks the translation."""
+    from edge_assistant.voice import WavSink, WavSource
+    from edge_assistant.voice import loop as voice_loop
+    from edge_assistant.voice.loop import VoiceLoop
+
+    monkeypatch.setattr(voice_loop, "BACKOFF_S", (0.2, 1.0))
+    speech = tmp_path / "q.wav"
+    subprocess.run(["espeak-ng", "-v", "ko", "-w", str(speech), "기계가 멈췄어요. 도와주세요."], check=True)
+    s = Scheduler(runtime)
+    s.start()
+    status: list[str] = []
+    events: list[str] = []
+    cfg = replace(runtime.config.voice, enabled=True, activation="always", persona="translator")
+    source = FlakySource(WavSource(speech, tail_silence_s=1.5))
+    loop = VoiceLoop.load(cfg, runtime.config, s, source, WavSink(tmp_path / "out.wav"),
+                          lambda k, _d: events.append(k), status.append)
+    done = threading.Thread(target=loop.run)
+    done.start()
+    done.join(300)
+    s.stop()
+    assert not done.is_alive()
+    assert loop.restarts == 1 and source.opened == 2
+    assert any("device unplugged" in line for line in status)
+    assert "final" in events and loop.replies and loop.replies[-1].status == "ok"
+    assert (tmp_path / "out.wav").stat().st_size > 10000  # the answer was spoken
