@@ -170,7 +170,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.max_tokens is not None:
         body["max_tokens"] = args.max_tokens
 
+    shown: list[str] = []
+
     def show(piece: str) -> None:
+        shown.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
 
@@ -183,6 +186,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reply, ensure_ascii=False, indent=2))
     else:
+        if not shown:
+            sys.stdout.write(str(reply.get("text", "")))  # a refusal is not streamed
         sys.stdout.write("\n")
         print_sources(reply)
         if reply.get("status") != "ok":
