@@ -251,3 +251,13 @@ def running(config: Path, watcher: Client, device: str = "dev1") -> Iterator[Dae
         yield d
     finally:
         d.stop()
+
+
+def started_with_client(broker: Broker, tmp_path: Path, watcher: Client, device: str, reply_topic: str,
+                        client_id: str) -> tuple[DaemonProcess, Client]:
+    """A daemon started and online, and a persistent client subscribed to ``reply_topic``."""
+    cfg = write_config(tmp_path / "c.toml", broker, device)
+    client = Client(broker, client_id=client_id, persistent=True)
+    client.subscribe(reply_topic)
+    watcher.subscribe(f"edge/{device}/status")
+    return DaemonProcess(cfg).start(wait_online=watcher, device=device), client

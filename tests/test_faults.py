@@ -24,7 +24,7 @@ from edge_assistant.pipeline import Runtime
 from edge_assistant.scheduler import Scheduler
 
 from conftest import ROOT
-from mqttkit import Broker, Client, DaemonProcess, write_config
+from mqttkit import Broker, Client, DaemonProcess, started_with_client, write_config
 
 Q = "Spindle 3 shows alarm 1012, coolant pressure low. What should I check first?"
 
@@ -36,11 +36,7 @@ def served(log: str, rid: str) -> int:
 
 @pytest.mark.broker
 def test_broker_killed_mid_stream(broker: Broker, tmp_path: Path, watcher: Client) -> None:
-    cfg = write_config(tmp_path / "c.toml", broker, "bk1")
-    client = Client(broker, client_id="stream-client", persistent=True)
-    client.subscribe("edge/bk1/reply/s")
-    watcher.subscribe("edge/bk1/status")
-    d = DaemonProcess(cfg).start(wait_online=watcher, device="bk1")
+    d, client = started_with_client(broker, tmp_path, watcher, "bk1", "edge/bk1/reply/s", "stream-client")
     try:
         client.publish("edge/bk1/request", json.dumps({
             "text": "Describe, step by step, the complete weekly maintenance of a CNC lathe.", "id": "s1",
@@ -53,7 +49,7 @@ def test_broker_killed_mid_stream(broker: Broker, tmp_path: Path, watcher: Clien
         broker.proc = None
         time.sleep(1.0)
         broker.start()
-        finals = client.wait_for("edge/bk1/reply/s", lambda m: m.json().get("done") is True, timeout=180)
+        client.wait_for("edge/bk1/reply/s", lambda m: m.json().get("done") is True, timeout=180)
         time.sleep(2)
     finally:
         d.stop()
@@ -67,11 +63,7 @@ def test_broker_killed_mid_stream(broker: Broker, tmp_path: Path, watcher: Clien
 
 @pytest.mark.broker
 def test_daemon_killed_with_ten_requests_queued(broker: Broker, tmp_path: Path, watcher: Client) -> None:
-    cfg = write_config(tmp_path / "c.toml", broker, "dk1")
-    client = Client(broker, client_id="queue-client", persistent=True)
-    client.subscribe("edge/dk1/reply/q")
-    watcher.subscribe("edge/dk1/status")
-    d = DaemonProcess(cfg).start(wait_online=watcher, device="dk1")
+    d, client = started_with_client(broker, tmp_path, watcher, "dk1", "edge/dk1/reply/q", "queue-client")
     for i in range(11):  # one runs, ten wait
         client.publish("edge/dk1/request", json.dumps({"text": f"Question {i}: how do I check the way oil?",
                                                         "id": f"k{i}", "max_tokens": 60 if i == 0 else 12}),
@@ -80,7 +72,7 @@ def test_daemon_killed_with_ten_requests_queued(broker: Broker, tmp_path: Path, 
     d.signal(signal.SIGKILL)
     d.wait()
     first = d.text()
-    d2 = DaemonProcess(cfg).start(wait_online=watcher, device="dk1")
+    d2 = DaemonProcess(d.config).start(wait_online=watcher, device="dk1")
     try:
         client.wait_for("edge/dk1/reply/q", count=11, timeout=300)
         time.sleep(2)

@@ -61,19 +61,20 @@ CREATE INDEX IF NOT EXISTS identifiers_ident ON identifiers(ident);
 CREATE INDEX IF NOT EXISTS identifiers_chunk ON identifiers(chunk);
 """
 
-# Words that carry no subject: question words, auxiliaries, pronouns, filler verbs.
+# Words that carry no subject: question words ("how often", "how many"), auxiliaries, pronouns, filler verbs.
 STOPWORDS = frozenset([
     "a", "about", "above", "after", "again", "all", "also", "am", "an", "and", "any", "anything", "are", "as", "at",
-    "be", "been", "before", "being", "below", "between", "both", "but", "by", "can", "could", "describe", "did",
-    "do", "does", "doing", "done", "during", "each", "either", "else", "ever", "explain", "find", "for", "from",
-    "get", "give", "go", "going", "had", "has", "have", "having", "he", "her", "here", "hers", "him", "his", "how",
-    "i", "if", "in", "into", "is", "it", "its", "itself", "just", "know", "let", "like", "may", "me", "mean",
-    "means", "meant", "might", "more", "most", "much", "must", "my", "need", "needs", "no", "nor", "not", "now",
-    "of", "off", "on", "once", "only", "or", "other", "our", "out", "over", "own", "please", "say", "see", "shall",
-    "she", "should", "so", "some", "something", "such", "tell", "than", "that", "the", "their", "them", "then",
-    "there", "these", "they", "this", "those", "through", "to", "too", "under", "until", "up", "us", "use", "used",
-    "using", "very", "want", "was", "way", "we", "were", "what", "whats", "when", "where", "which", "while", "who",
-    "whom", "why", "will", "with", "would", "you", "your", "yours",
+    "be", "been", "before", "being", "below", "between", "both", "but", "by", "can", "correct", "could", "describe",
+    "did", "do", "does", "doing", "done", "during", "each", "either", "else", "ever", "explain", "find", "for",
+    "from", "get", "give", "go", "going", "had", "has", "have", "having", "he", "her", "here", "hers", "him", "his",
+    "how", "i", "if", "in", "into", "is", "it", "its", "itself", "just", "know", "let", "like", "long", "many",
+    "may", "me", "mean", "means", "meant", "might", "more", "most", "much", "must", "my", "need", "needs", "no",
+    "nor", "not", "now", "of", "off", "often", "on", "once", "only", "or", "other", "our", "out", "over", "own",
+    "please", "right", "say", "see", "shall", "she", "should", "so", "some", "something", "such", "tell", "than",
+    "that", "the", "their", "them", "then", "there", "these", "they", "this", "those", "through", "to", "too",
+    "under", "until", "up", "us", "use", "used", "using", "usually", "very", "want", "was", "way", "we", "were",
+    "what", "whats", "when", "where", "which", "while", "who", "whom", "why", "will", "with", "would", "you", "your",
+    "yours",
 ])
 
 TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*[A-Za-z0-9]|[A-Za-z0-9]")
@@ -142,37 +143,29 @@ class UnreadableError(Exception):
 
 
 def _split(text: str, max_chars: int) -> list[str]:
-    """``text`` in parts of at most ``max_chars``, cut at paragraph (else line, else word) ends."""
+    """``text`` in parts of at most ``max_chars``, cut at paragraph ends (a longer paragraph at word ends)."""
     text = text.strip()
     if len(text) <= max_chars:
         return [text] if text else []
+    pieces: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        pieces += [para] if len(para) <= max_chars else _pack(para.split(), " ", max_chars)
+    return _pack(pieces, "\n\n", max_chars)
+
+
+def _pack(pieces: list[str], sep: str, max_chars: int) -> list[str]:
+    """Consecutive pieces joined by ``sep`` into parts of at most ``max_chars`` (a longer piece stays whole)."""
     parts: list[str] = []
     current = ""
-    for para in re.split(r"\n\s*\n", text):
-        pieces = [para] if len(para) <= max_chars else _hard_split(para, max_chars)
-        for piece in pieces:
-            if current and len(current) + 2 + len(piece) > max_chars:
-                parts.append(current)
-                current = piece
-            else:
-                current = f"{current}\n\n{piece}" if current else piece
+    for piece in pieces:
+        if current and len(current) + len(sep) + len(piece) > max_chars:
+            parts.append(current)
+            current = piece
+        else:
+            current = f"{current}{sep}{piece}" if current else piece
     if current:
         parts.append(current)
     return parts
-
-
-def _hard_split(text: str, max_chars: int) -> list[str]:
-    out: list[str] = []
-    current = ""
-    for word in text.split():
-        if current and len(current) + 1 + len(word) > max_chars:
-            out.append(current)
-            current = word
-        else:
-            current = f"{current} {word}" if current else word
-    if current:
-        out.append(current)
-    return out
 
 
 def read_markdown(text: str, max_chars: int) -> Parsed:

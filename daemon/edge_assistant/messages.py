@@ -154,7 +154,10 @@ class Reply:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object sent to clients (empty optional fields left out; ``text`` always there)."""
-        return {k: v for k, v in asdict(self).items() if v not in (None, {}, [], ()) or k == "text"}
+        out = {k: v for k, v in asdict(self).items() if v not in (None, {}, [], ()) or k == "text"}
+        if "usage" in out:
+            out["usage"] = {k: v for k, v in out["usage"].items() if v is not None}
+        return out
 
 
 def error_reply(request_id: str, code: str, message: str, persona: str = "") -> Reply:
