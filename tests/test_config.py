@@ -57,3 +57,19 @@ def test_errors_name_the_key(tmp_path: Path, body: str, message: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_policy_modules_import_no_io_library() -> None:
+    """Profiles, config, guard rules, prompts, sampling and the MQTT protocol are pure: importing them loads
+    neither llama.cpp nor paho, SQLite, audio or psutil."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import edge_assistant.messages, edge_assistant.config, edge_assistant.guard, edge_assistant.personas\n"
+            "import edge_assistant.sampling, edge_assistant.profiles, edge_assistant.hardware\n"
+            "import edge_assistant.protocol, edge_assistant.plc\n"
+            "print(sorted(m for m in ('llama_cpp', 'paho', 'sqlite3', 'pypdf', 'vosk', 'piper', 'psutil', "
+            "'sounddevice') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

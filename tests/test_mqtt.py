@@ -240,18 +240,6 @@ def test_bad_credentials_stop_with_a_clear_error(broker: Broker, tmp_path: Path)
     assert "wrong" not in d.text()  # the password is never logged
 
 
-def test_acl_gateway_identity(broker: Broker, watcher: Client) -> None:
-    """The broker enforces which gateway may publish which alarm topic (the PLC identity comes from it)."""
-    watcher.subscribe("plant/+/alarm")
-    gw1 = Client(broker, user="gw1")
-    gw1.publish("plant/gw2/alarm", "{}")  # not its own topic: the broker drops it
-    gw1.publish("plant/gw1/alarm", '{"tag": "ok"}')
-    watcher.wait_for("plant/gw1/alarm")
-    time.sleep(0.3)
-    assert watcher.on("plant/gw2/alarm") == []
-    gw1.close()
-
-
 def test_plc_alarm_flow(broker: Broker, tmp_path: Path, watcher: Client) -> None:
     cfg = write_config(tmp_path / "c.toml", broker, "plc1",
                        '[[plc]]\ntopic = "plant/+/alarm"\nreply_topic = "plant/{gateway}/explanation"\n'
@@ -266,10 +254,15 @@ def test_plc_alarm_flow(broker: Broker, tmp_path: Path, watcher: Client) -> None
         gw.publish("plant/gw1/alarm", json.dumps({**alarm, "tag": "SAW1_BLADE_TEMP", "value": 91}))
         gw.publish("plant/gw1/alarm", json.dumps({**alarm, "tag": "MILL4_AXIS_X"}))  # over the rate: refused
         gw.publish("plant/gw1/alarm", b"not json")
+        # gw1 forges an alarm as gw2: the broker's ACL (pattern write plant/%u/alarm) drops it, so the daemon
+        # never explains an alarm in another gateway's name.
+        gw.publish("plant/gw2/alarm", json.dumps({**alarm, "tag": "FORGED"}))
         watcher.wait_for("plant/gw1/explanation", count=2, timeout=120)
         time.sleep(2)
         replies = [m.json() for m in watcher.on("plant/gw1/explanation")]
         assert len(replies) == 2 and all(r["status"] == "ok" and r["text"] for r in replies)
+        assert all(r["id"].startswith("gw1:") for r in replies)  # the identity is the topic level, not the payload
+        assert watcher.on("plant/gw2/explanation") == [] and "FORGED" not in d.text()
         log = d.text()
         assert "already explained" in log and "over its rate" in log and "not JSON" in log
         gw.close()

@@ -124,8 +124,14 @@ def test_no_notify_socket_is_a_no_op(broker: Broker, tmp_path: Path, watcher: Cl
     d = DaemonProcess(cfg)
     d.env = {**env, "PYTHONUNBUFFERED": "1"}
     d.start(wait_online=watcher, device="sd3")
+    watcher.subscribe("edge/sd3/reply/n")
+    watcher.publish("edge/sd3/request", json.dumps({"text": "What is a collet?", "id": "n1", "max_tokens": 8}),
+                    response_topic="edge/sd3/reply/n")
+    (reply,) = watcher.wait_for("edge/sd3/reply/n", timeout=60)
+    assert reply.json()["status"] == "ok"  # serves without systemd
     d.signal(signal.SIGTERM)
     assert d.wait(60) == 0
+    assert "Traceback" not in d.text() and "notify" not in d.text().lower()
 
 
 def test_stalled_generation_stops_watchdog_pings(broker: Broker, tmp_path: Path, notify: NotifySocket,

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .config import KnowledgeConfig
 from .errors import KnowledgeError
-from .messages import SourceRef
+from .messages import Passage, SourceRef
 
 log = logging.getLogger(__name__)
 
@@ -446,26 +446,6 @@ def _digest(conn: sqlite3.Connection) -> str:
 
 
 # -- retrieval -----------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Passage:
-    """A chunk retrieved for a question."""
-
-    document: str
-    """The document's name (relative to its knowledge path)."""
-    location: str
-    """Where in the document."""
-    text: str
-    """The chunk's text."""
-    score: float
-    """BM25 (lower is better, as FTS5 reports it); 0 for an identifier match."""
-    coverage: float
-    """Share of the question's words (weighted by rarity) the chunk contains; 1 for an identifier match."""
-    matched: str = ""
-    """``identifier`` (its row), ``identifier-text`` (mentioned in the text) or ``words``."""
-    row_id: str = ""
-    """A CSV row's identifier."""
-
 
 @dataclass(frozen=True)
 class DocumentInfo:

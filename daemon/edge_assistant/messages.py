@@ -12,6 +12,11 @@ from typing import Any, Literal
 Message = dict[str, str]
 """One chat message: ``{"role": ..., "content": ...}``."""
 
+PRIORITY_ALARM = 0
+"""Queue priority of PLC alarms: before everything else."""
+PRIORITY_CHAT = 1
+"""Queue priority of ordinary requests."""
+
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
 Status = Literal["ok", "error", "refused"]
 
@@ -128,6 +133,26 @@ class SourceRef:
     """Where in it: ``page 3``, ``section Coolant > Concentration``, ``row 14 (code A412)``."""
     excerpt: str
     """The passage, cut to a few hundred characters."""
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A chunk retrieved for a question."""
+
+    document: str
+    """The document's name (relative to its knowledge path)."""
+    location: str
+    """Where in the document."""
+    text: str
+    """The chunk's text."""
+    score: float
+    """BM25 (lower is better, as FTS5 reports it); 0 for an identifier match."""
+    coverage: float
+    """Share of the question's words (weighted by rarity) the chunk contains; 1 for an identifier match."""
+    matched: str = ""
+    """``identifier`` (its row), ``identifier-text`` (mentioned in the text) or ``words``."""
+    row_id: str = ""
+    """A CSV row's identifier."""
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 from .config import PersonaConfig
 from .guard import neutralize_markers
-from .knowledge import Passage
-from .messages import Message
+from .messages import Message, Passage
 
 LANGUAGES = {"en": "English", "ko": "Korean", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian",
              "ja": "Japanese", "zh": "Chinese", "pt": "Portuguese", "nl": "Dutch", "pl": "Polish"}

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 from .config import Config, PersonaConfig
 from .errors import RequestError, UnknownPersonaError
 from .guard import GuardConfig, Relevance, Verdict, check_input, check_output
-from .knowledge import Passage, Retriever, answer_from_row, sources_of
-from .messages import ErrorInfo, Generation, Message, Reply, Request, Sampling, Usage, error_reply
+from .knowledge import Retriever, answer_from_row, sources_of
+from .messages import ErrorInfo, Generation, Message, Passage, Reply, Request, Sampling, Usage, error_reply
 from .personas import build_messages
 from .sampling import policy
 

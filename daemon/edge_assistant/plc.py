@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 from .config import PlcRoute
 from .errors import BadRequestError, PayloadTooLargeError, RequestError
-from .messages import Request
+from .messages import PRIORITY_ALARM, Request
 from .protocol import Incoming
-from .scheduler import PRIORITY_ALARM
 
 log = logging.getLogger(__name__)
 

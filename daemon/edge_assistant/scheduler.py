@@ -30,15 +30,13 @@ from typing import Literal
 
 from . import pipeline
 from .errors import BusyError, EdgeError, ExpiredError, ShuttingDownError
-from .messages import Reply, Request, error_reply
+from .messages import PRIORITY_ALARM, PRIORITY_CHAT, Reply, Request, error_reply
 from .pipeline import Runtime
 
 log = logging.getLogger(__name__)
 
-PRIORITY_ALARM = 0
-"""PLC alarms go before everything else."""
-PRIORITY_CHAT = 1
-"""Ordinary requests."""
+__all__ = ["PRIORITY_ALARM", "PRIORITY_CHAT", "Admission", "Job", "Scheduler"]
+
 
 ReplyFn = Callable[[Reply], None]
 TextFn = Callable[[str], None]
