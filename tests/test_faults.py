@@ -129,17 +129,19 @@ def test_exception_inside_generation_then_the_same_bytes(runtime: Runtime) -> No
 
 
 @pytest.mark.broker
+@pytest.mark.parametrize("mode", ["side_by_side", "release_first"])
 def test_model_replaced_by_rename_while_serving_then_sighup(broker: Broker, tmp_path: Path, watcher: Client,
-                                                            quantized: dict[str, Path]) -> None:
+                                                            quantized: dict[str, Path], mode: str) -> None:
     """The model file is replaced by rename (never rewritten in place) while requests run, then SIGHUP: the old
-    mapping serves until the swap, every request is answered once, and the answers name the new file's hash."""
+    mapping serves until the swap (or, where memory is short, the old model is released first and requests wait),
+    every request is answered once, and the answers name the new file's hash."""
     models = tmp_path / "models"
     models.mkdir()
     target = models / "SmolLM2-135M-Instruct.Q4_1.gguf"
     shutil.copy(quantized["Q4_1"], target)
     cfg = write_config(tmp_path / "c.toml", broker, "mr1")
     cfg.write_text(cfg.read_text().replace(f'dir = "{os.environ.get("EDGE_ASSISTANT_MODEL_DIR", ROOT / "models")}"',
-                                           f'dir = "{models}"'))
+                                           f'dir = "{models}"\nreload = "{mode}"'))
     client = Client(broker)
     client.subscribe("edge/mr1/reply/m")
     watcher.subscribe("edge/mr1/status")
@@ -176,6 +178,7 @@ def test_model_replaced_by_rename_while_serving_then_sighup(broker: Broker, tmp_
     assert replies["new"]["provenance"]["quantization"] == "Q8_0"
     assert replies["new"]["provenance"]["model_sha256"] != old.json()["provenance"]["model_sha256"]
     assert "Traceback" not in d.text()
+    assert ("released the old model before loading the new one" in d.text()) == (mode == "release_first")
 
 
 FULL_DISK_PROBE = """
