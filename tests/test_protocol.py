@@ -199,3 +199,14 @@ def test_plc_dedupe_and_rate_limit() -> None:
     assert "over its rate" in send("C", 7)
     assert send("C", 7, who="gw2") == "ok"  # limits are per gateway
     assert send("A", 40) == "ok"  # window passed and the bucket refilled
+
+
+def test_discovery_components_carry_their_own_qos_and_the_answer_its_sources() -> None:
+    """Home Assistant ignores a device-level qos for components: each one says QoS 1 itself, so a question asked
+    while the daemon restarts is kept by the broker. An empty question cannot be sent (min 1)."""
+    from edge_assistant.discovery import discovery_payload
+
+    cfg = discovery_payload(T, "dev1", "m.gguf", "x86-avx2")
+    assert all(c["qos"] == 1 for c in cfg["cmps"].values())
+    assert cfg["cmps"]["ask"]["min"] == 1
+    assert "value_json.sources" in cfg["cmps"]["answer"]["json_attr_tpl"]

@@ -26,6 +26,25 @@ def discovery_payload(topics: Topics, device: str, model: str, profile: str) -> 
             cmp["dev_cla"] = device_class
         return cmp
 
+    cmps: dict[str, dict[str, Any]] = {
+        "ask": {"p": "text", "name": "Ask", "uniq_id": f"{uid}_ask", "cmd_t": topics.request, "min": 1, "max": 255,
+                "icon": "mdi:chat-question"},
+        "answer": {"p": "sensor", "name": "Last answer", "uniq_id": f"{uid}_answer", "stat_t": topics.answer,
+                   "val_tpl": "{{ value_json.state }}", "json_attr_t": topics.answer,
+                   "json_attr_tpl": "{{ {'text': value_json.text, 'id': value_json.id, "
+                                    "'persona': value_json.persona, 'status': value_json.status, "
+                                    "'error': value_json.error, 'sources': value_json.sources} | tojson }}",
+                   "icon": "mdi:chat"},
+        "busy": {"p": "binary_sensor", "name": "Busy", "uniq_id": f"{uid}_busy", "stat_t": topics.health,
+                 "val_tpl": "{{ 'ON' if value_json.busy else 'OFF' }}", "dev_cla": "running"},
+        "queue": health_sensor("Queue depth", "queue_depth"),
+        "tokens_per_s": health_sensor("Tokens per second", "last_tokens_per_s", "tok/s"),
+        "cpu": health_sensor("CPU", "cpu_percent", "%"),
+        "memory": health_sensor("Memory", "mem_percent", "%"),
+        "temperature": health_sensor("Temperature", "temperature_c", "°C", "temperature"),
+    }
+    for cmp in cmps.values():  # Home Assistant does not pass a device-level qos on to the components
+        cmp["qos"] = 1
     return {
         "dev": {"ids": [uid], "name": f"Edge assistant {device}", "mf": "edge-assistant", "mdl": model,
                 "sw": __version__, "hw": profile},
@@ -34,21 +53,5 @@ def discovery_payload(topics: Topics, device: str, model: str, profile: str) -> 
         "pl_avail": "online",
         "pl_not_avail": "offline",
         "qos": 1,
-        "cmps": {
-            "ask": {"p": "text", "name": "Ask", "uniq_id": f"{uid}_ask", "cmd_t": topics.request, "max": 255,
-                    "icon": "mdi:chat-question"},
-            "answer": {"p": "sensor", "name": "Last answer", "uniq_id": f"{uid}_answer", "stat_t": topics.answer,
-                       "val_tpl": "{{ value_json.state }}", "json_attr_t": topics.answer,
-                       "json_attr_tpl": "{{ {'text': value_json.text, 'id': value_json.id, "
-                                        "'persona': value_json.persona, 'status': value_json.status, "
-                                        "'error': value_json.error, 'sources': value_json.sources} | tojson }}",
-                       "icon": "mdi:chat"},
-            "busy": {"p": "binary_sensor", "name": "Busy", "uniq_id": f"{uid}_busy", "stat_t": topics.health,
-                     "val_tpl": "{{ 'ON' if value_json.busy else 'OFF' }}", "dev_cla": "running"},
-            "queue": health_sensor("Queue depth", "queue_depth"),
-            "tokens_per_s": health_sensor("Tokens per second", "last_tokens_per_s", "tok/s"),
-            "cpu": health_sensor("CPU", "cpu_percent", "%"),
-            "memory": health_sensor("Memory", "mem_percent", "%"),
-            "temperature": health_sensor("Temperature", "temperature_c", "°C", "temperature"),
-        },
+        "cmps": cmps,
     }
