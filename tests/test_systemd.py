@@ -255,7 +255,7 @@ def test_unit_file_is_complete() -> None:
     codes = {int(c) for c in d["RestartPreventExitStatus"][0].split()}
     assert codes == {e.exit_code for e in (errors.ConfigError, errors.ModelCorruptError, errors.ModelMissingError,
                                             errors.ModelChecksumError, errors.ModelTooLargeError,
-                                            errors.BrokerAuthError)}
+                                            errors.BrokerAuthError, errors.KnowledgeError)}
     assert "network-online.target" in d["After"][0] and "time-sync.target" in d["After"][0]
     for key in ("StateDirectory", "ConfigurationDirectory", "MemoryHigh", "MemoryMax", "CPUWeight"):
         assert key in d, key
