@@ -237,6 +237,14 @@ def test_startup_errors_exit_with_their_code(tmp_path: Path, broker: Broker) -> 
     cfg2.write_text(cfg2.read_text().replace(f'dir = "{DEFAULT_MODEL.parent}"', f'dir = "{empty}"'))
     d2 = DaemonProcess(cfg2).start()
     assert d2.wait(60) == errors.ModelMissingError.exit_code
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# A\nSome text.\n")
+    cfg3 = write_config(tmp_path / "c3.toml", broker, "bad3",
+                        f'[knowledge]\npaths = ["{docs}"]\nindex = "/proc/edge-assistant/knowledge.sqlite"\n')
+    d3 = DaemonProcess(cfg3).start()
+    assert d3.wait(120) == errors.KnowledgeError.exit_code
+    assert "cannot open the knowledge index" in d3.text() and "Traceback" not in d3.text()
 
 
 def _unit_directives() -> dict[str, list[str]]:

@@ -14,15 +14,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from .errors import EdgeError
+from .errors import AskError
 from .mqtt import no_delay
-
-
-class AskError(EdgeError):
-    """The broker could not be reached or no reply came in time."""
-
-    code = "ask_failed"
-    exit_code = 69
 
 
 def ask(host: str, port: int, request_topic: str, reply_topic: str, body: dict[str, Any],
