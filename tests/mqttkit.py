@@ -110,7 +110,10 @@ class DaemonProcess:
 
     def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Each daemon keeps its state (stored replies, the documents' index) beside its config, as systemd's
+        # StateDirectory would give it one of its own.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "STATE_DIRECTORY": str(config.parent / "state"),
+                    **(env or {})}
         self.log = config.with_suffix(f".{uuid.uuid4().hex[:6]}.log")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -261,3 +264,14 @@ def started_with_client(broker: Broker, tmp_path: Path, watcher: Client, device:
     client.subscribe(reply_topic)
     watcher.subscribe(f"edge/{device}/status")
     return DaemonProcess(cfg).start(wait_online=watcher, device=device), client
+
+
+def module_daemon(broker: Broker, tmp_path_factory: Any, device: str, extra: str) -> Iterator[DaemonProcess]:
+    """A daemon that serves a whole test module, started once it says it is online (a fixture's body)."""
+    cfg = write_config(tmp_path_factory.mktemp(device) / "config.toml", broker, device, extra)
+    w = Client(broker)
+    w.subscribe(f"edge/{device}/status")
+    d = DaemonProcess(cfg).start(wait_online=w, device=device)
+    w.close()
+    yield d
+    d.stop()

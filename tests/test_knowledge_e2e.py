@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT
 from knowledgekit import make_documents
-from mqttkit import USERS, Broker, Client, DaemonProcess, write_config
+from mqttkit import USERS, Broker, Client, DaemonProcess, module_daemon, write_config
 
 pytestmark = pytest.mark.broker
 
@@ -32,16 +32,9 @@ def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def daemon(broker: Broker, docs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    work = tmp_path_factory.mktemp(DEVICE)
-    cfg = write_config(work / "config.toml", broker, DEVICE,
-                       f'[knowledge]\npaths = ["{docs}"]\nindex = "{work / "index.sqlite"}"\n'
-                       '[[plc]]\ntopic = "plant/+/alarm"\npersona = "factory"\n')
-    w = Client(broker)
-    w.subscribe(f"edge/{DEVICE}/status")
-    d = DaemonProcess(cfg).start(wait_online=w, device=DEVICE)
-    w.close()
-    yield d
-    d.stop()
+    index = tmp_path_factory.mktemp("index") / "index.sqlite"
+    yield from module_daemon(broker, tmp_path_factory, DEVICE, f'[knowledge]\npaths = ["{docs}"]\nindex = "{index}"\n'
+                             '[[plc]]\ntopic = "plant/+/alarm"\npersona = "factory"\n')
 
 
 def rr(broker: Broker, text: str) -> dict[str, Any]:

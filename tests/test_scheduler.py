@@ -12,6 +12,7 @@ import pytest
 
 from edge_assistant.messages import Reply, Request
 from edge_assistant.pipeline import Runtime
+from edge_assistant.replystore import MemoryReplies, SqliteReplies
 from edge_assistant.scheduler import PRIORITY_ALARM, PRIORITY_CHAT, Scheduler
 
 from fakes import FakeEngine, fake_runtime
@@ -49,7 +50,7 @@ def engine() -> FakeEngine:
 
 @pytest.fixture
 def sched(engine: FakeEngine):  # type: ignore[no-untyped-def]
-    s = Scheduler(fake_runtime(engine), queue_size=3, remember=4)
+    s = Scheduler(fake_runtime(engine), queue_size=3, store=MemoryReplies(4))
     s.start()
     yield s
     s.stop(grace_s=1)
@@ -124,6 +125,27 @@ def test_the_store_of_answered_keys_is_bounded(sched: Scheduler, engine: FakeEng
     assert sched.submit(Request(text="q0"), r.to("again"), key="k0") == "queued"  # forgotten: answered anew
     r.one("again")
     assert engine.calls.count("q0") == 2
+
+
+def test_stored_replies_survive_a_restart(tmp_path, engine: FakeEngine) -> None:  # type: ignore[no-untyped-def]
+    """A request redelivered after the daemon died (its ack lost) gets the reply it had, not a second run."""
+    r = Replies()
+    first = Scheduler(fake_runtime(engine), store=SqliteReplies(tmp_path / "replies.sqlite", limit=2))
+    first.start()
+    first.submit(Request(text="q", id="1"), r.to("a"), key="k")
+    answered = r.one("a")
+    first.stop()
+    engine2 = FakeEngine("B")
+    second = Scheduler(fake_runtime(engine2), store=SqliteReplies(tmp_path / "replies.sqlite", limit=2))
+    second.start()
+    # Answered before the restart: the reply goes out again even to a redelivered copy (it may have been lost).
+    assert second.submit(Request(text="q", id="1"), r.to("b"), key="k", on_joined=r.to("ack")) == "replayed"
+    assert r.one("b") == answered and engine2.calls == [] and "ack" not in r.got
+    for i in range(3):  # the store keeps the newest two
+        second.submit(Request(text=f"n{i}"), r.to(f"n{i}"), key=f"n{i}")
+        r.one(f"n{i}")
+    assert second.submit(Request(text="q", id="1"), r.to("c"), key="k") == "queued"
+    second.stop()
 
 
 def test_cancel_a_queued_and_a_running_request(sched: Scheduler, engine: FakeEngine) -> None:

@@ -154,9 +154,10 @@ def test_sentences_are_spoken_while_generating(voice_scheduler: Scheduler, tmp_p
      ["Check the coolant.", "Then restart the spindle."]),
     (["Hi. ", "Ok"], []),  # too short to be worth a separate synthesis
     (["Line one\n", "Line two\n", "x"], ["Line one", "Line two"]),
+    (["이러면, " * 12, "끝"], ["이러면, " * 7 + "이러면,"]),  # no sentence end: cut at a comma anyway
 ])
 def test_sentence_splitter(chunks: list[str], expected: list[str]) -> None:
-    sp = SentenceSplitter(min_chars=8)
+    sp = SentenceSplitter(min_chars=8, max_chars=40)
     got = [s for c in chunks for s in sp.feed(c)]
     assert got == expected
 
@@ -178,9 +179,12 @@ def test_barge_in_stops_playback_and_cancels(voice_config: Config, voice_schedul
     first_reply = loop.replies[0]
     assert first_reply.status == "error" and first_reply.error is not None
     assert first_reply.error.code == "cancelled"
-    played, rate = samples(tmp_path / "out.wav")
-    spoken = len(played) / rate
-    assert 0 < spoken < 8.0  # stopped: six sentences would take far longer
+    assert first_reply.usage is not None and first_reply.usage.completion_tokens < 400  # stopped before its end
+    # Playback stopped too: six sentences would take far longer. (The model sometimes answers the Korean
+    # transcript in Korean, which the English voice renders as silence, so there may be no audio at all.)
+    out = tmp_path / "out.wav"
+    spoken = len(samples(out)[0]) / samples(out)[1] if out.exists() else 0.0
+    assert spoken < 8.0
 
 
 def test_raw_pcm_pipe_input(speech: dict[str, Path], tmp_path: Path) -> None:

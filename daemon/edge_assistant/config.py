@@ -111,11 +111,14 @@ class KnowledgeConfig:
 
     def index_path(self) -> Path:
         """The index file after defaults."""
-        if self.index:
-            return Path(self.index).expanduser()
-        if os.environ.get("STATE_DIRECTORY"):
-            return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "knowledge.sqlite"
-        return Path(__file__).resolve().parents[2] / ".cache" / "knowledge.sqlite"
+        return Path(self.index).expanduser() if self.index else state_directory() / "knowledge.sqlite"
+
+
+def state_directory() -> Path:
+    """Where the daemon keeps its state: systemd's ``$STATE_DIRECTORY``, else ``.cache`` in the checkout."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    return Path(__file__).resolve().parents[2] / ".cache"
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,9 @@ class Limits:
     """On SIGTERM the running generation may finish for this long before it is cancelled."""
     watchdog_stall_s: float = 0.0
     """A generation without progress (no token) for this long stops the watchdog pings; 0: timeout + 30 s."""
+    remember_replies: int = 256
+    """Replies kept by request key (in the state directory, across restarts): a copy of a request answered
+    before gets its reply again instead of a second generation."""
 
     def __post_init__(self) -> None:
         if self.temperature_ceiling < 0:
@@ -216,6 +222,8 @@ class Limits:
             raise ValueError("request_timeout_s: must be more than 0")
         if self.watchdog_stall_s < 0:
             raise ValueError("watchdog_stall_s: must be 0 (automatic) or more")
+        if self.remember_replies < 1:
+            raise ValueError("remember_replies: must be 1 or more")
 
 
 @dataclass(frozen=True)

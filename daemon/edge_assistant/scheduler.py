@@ -23,7 +23,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -32,6 +31,7 @@ from . import pipeline
 from .errors import BusyError, EdgeError, ExpiredError, ShuttingDownError
 from .messages import PRIORITY_ALARM, PRIORITY_CHAT, Reply, Request, error_reply
 from .pipeline import Runtime
+from .replystore import MemoryReplies, ReplyStore
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Job:
 class Scheduler:
     """Owns the queue, the inference thread and the runtime. ``start``, then ``submit``; ``stop`` at the end."""
 
-    def __init__(self, runtime: Runtime, queue_size: int = 16, remember: int = 256) -> None:
+    def __init__(self, runtime: Runtime, queue_size: int = 16, store: ReplyStore | None = None) -> None:
         self.queue_size = queue_size
         self._runtime: Runtime | None = runtime
         self._next: Runtime | None = None
@@ -84,8 +84,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self._pending: dict[str, Job] = {}
-        self._stored: OrderedDict[str, Reply] = OrderedDict()
-        self._remember = remember
+        self._stored: ReplyStore = store if store is not None else MemoryReplies()
         self._current: Job | None = None
         self._thread: threading.Thread | None = None
         self._listeners: list[Callable[[], None]] = []
@@ -137,11 +136,13 @@ class Scheduler:
 
         A copy of a key already queued or running is not run again: the reply goes to that job's ``on_reply`` once,
         and this copy's ``on_joined`` (default: ``on_reply``) is told it too. A copy of a key answered recently gets
-        the stored reply through ``on_joined`` (default: ``on_reply``). A transport acknowledges a redelivered copy
-        there, and sends the reply again to a client that asked again.
+        the stored reply through ``on_joined`` (default: ``on_reply``), or through ``on_reply`` when it was answered
+        before a restart. A transport acknowledges a redelivered copy there, and sends the reply again to a client
+        that asked again.
         """
         refusal: EdgeError | None = None
         stored: Reply | None = None
+        here = False
         with self._cond:
             if self._closed:
                 refusal = ShuttingDownError("the daemon is shutting down; the request was not served")
@@ -149,21 +150,25 @@ class Scheduler:
                 log.info("request %s is already queued or running: it gets that reply", key)
                 self._pending[key].joined.append(on_joined or on_reply)
                 return "joined"
-            elif key and key in self._stored:
-                stored = self._stored[key]
-                self._stored.move_to_end(key)
-            elif len(self._heap) >= self.queue_size:
-                log.warning("queue full (%d): request %s refused with busy", self.queue_size, request.id or "-")
-                refusal = BusyError(f"the queue is full ({self.queue_size} waiting); try again shortly")
             else:
-                job = Job(priority, next(self._seq), request, on_reply, key, on_text, expires, owner)
-                heapq.heappush(self._heap, job)
-                if key:
-                    self._pending[key] = job
-                self._cond.notify_all()
+                stored = self._stored.get(key) if key else None
+                here = stored is not None and self._stored.answered_here(key)
+            if stored is None and refusal is None:
+                if len(self._heap) >= self.queue_size:
+                    log.warning("queue full (%d): request %s refused with busy", self.queue_size,
+                                request.id or "-")
+                    refusal = BusyError(f"the queue is full ({self.queue_size} waiting); try again shortly")
+                else:
+                    job = Job(priority, next(self._seq), request, on_reply, key, on_text, expires, owner)
+                    heapq.heappush(self._heap, job)
+                    if key:
+                        self._pending[key] = job
+                    self._cond.notify_all()
         if stored is not None:
-            log.info("request %s was answered before: its stored reply", key)
-            _deliver(on_joined or on_reply, stored)
+            # Answered by this process: the reply went out (a transport only acknowledges a redelivered copy).
+            # Answered before a restart: the reply may have died with the process, so it is sent again.
+            log.info("request %s was answered before%s: its stored reply", key, "" if here else " a restart")
+            _deliver((on_joined or on_reply) if here else on_reply, stored)
             return "replayed"
         if refusal is not None:
             _deliver(on_reply, error_reply(request.id, refusal.code, refusal.message, request.persona))
@@ -326,9 +331,7 @@ class Scheduler:
         with self._cond:
             if job.key:
                 self._pending.pop(job.key, None)
-                self._stored[job.key] = reply
-                while len(self._stored) > self._remember:
-                    self._stored.popitem(last=False)
+                self._stored.put(job.key, reply)
             joined = list(job.joined)
         _deliver(job.on_reply, reply)
         for fn in joined:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -21,10 +22,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from . import app
-from .config import Config, load_config
+from .config import Config, load_config, state_directory
 from .errors import EdgeError, VoiceError
 from .mqtt import MqttService
 from .pipeline import Runtime
+from .replystore import MemoryReplies, ReplyStore, SqliteReplies
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -179,7 +181,7 @@ class Daemon:
         with _Extender(n):
             runtime = app.load(self.config, self.plan)
         self._loaded_file = _identity(choice.info.path)
-        self.scheduler = Scheduler(runtime, self.config.limits.queue_size)
+        self.scheduler = Scheduler(runtime, self.config.limits.queue_size, self._reply_store())
         self.scheduler.start()
         voice = self._make_voice(self.scheduler)  # before the broker: 'online' means every door is open
         if self.config.mqtt.enabled:
@@ -191,6 +193,16 @@ class Daemon:
         n.send("READY=1")
         n.status(self._serving_status())
         return self._loop()
+
+    def _reply_store(self) -> ReplyStore:
+        """Replies by request key in the state directory, so a request redelivered after a crash is not generated
+        again; in memory when the directory cannot be used."""
+        path = state_directory() / "replies.sqlite"
+        try:
+            return SqliteReplies(path, self.config.limits.remember_replies)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("cannot keep replies in %s (%s): remembering them in memory only", path, exc)
+            return MemoryReplies(self.config.limits.remember_replies)
 
     def _make_mqtt(self, config: Config) -> MqttService:
         assert self.plan is not None and self.scheduler is not None

@@ -33,11 +33,16 @@ SENTENCE_END = re.compile(r"([.!?\u3002\uff01\uff1f]+[\"')\]]*)(\s+|$)|\n+")
 
 
 class SentenceSplitter:
-    """Turns a stream of text pieces into complete sentences as soon as each one ends."""
+    """Turns a stream of text pieces into complete sentences as soon as each one ends.
 
-    def __init__(self, min_chars: int = 12) -> None:
+    Text that runs past ``max_chars`` without a sentence end (a model that does not punctuate) is cut at its last
+    comma or space, so speech never waits for the whole answer.
+    """
+
+    def __init__(self, min_chars: int = 12, max_chars: int = 160) -> None:
         self.buf = ""
         self.min_chars = min_chars
+        self.max_chars = max_chars
 
     def feed(self, piece: str) -> list[str]:
         self.buf += piece
@@ -45,9 +50,14 @@ class SentenceSplitter:
         while True:
             m = next((m for m in SENTENCE_END.finditer(self.buf) if m.end() >= self.min_chars and m.end() <
                       len(self.buf)), None)
-            if m is None:
+            if m is not None:
+                end = m.end()
+            elif len(self.buf) > self.max_chars:
+                cut = max(self.buf.rfind(", ", 0, self.max_chars), self.buf.rfind(" ", 0, self.max_chars))
+                end = cut + 1 if cut >= self.min_chars else self.max_chars
+            else:
                 return out
-            sentence, self.buf = self.buf[:m.end()].strip(), self.buf[m.end():]
+            sentence, self.buf = self.buf[:end].strip(), self.buf[end:]
             if sentence:
                 out.append(sentence)
 
