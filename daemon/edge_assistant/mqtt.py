@@ -262,7 +262,7 @@ class MqttService:
                     log.warning("request %s expired (MQTT message expiry) before it was served; not answered",
                                 inc.request.id or "-")
                 else:
-                    self._send(inc, reply, publish, seq + 1 if inc.request.stream and seq else None)
+                    self._send(inc, reply, publish, seq + 1 if inc.request.stream else None)
             finally:
                 self.client.ack(mid, qos)
 

@@ -64,7 +64,7 @@ class Runtime:
     profile: str = ""
     """The hardware profile it was loaded with."""
     resources: tuple[Closable, ...] = ()
-    """What ``close`` releases: the engine, the embedder."""
+    """What ``close`` releases: the engine, the embedder, the index connection."""
 
     def close(self, keep: tuple[Closable, ...] = ()) -> None:
         """Release the model, the embedding context and the index (after the scheduler swapped this runtime

@@ -326,6 +326,7 @@ class Daemon:
                 self.plan = plan
                 self._loaded_file = _identity(plan.choice.info.path)
             scheduler.swap(runtime)
+            scheduler.queue_size = new.limits.queue_size
             self.config = new
             self._reconnect(new, old)
             log.info("configuration reloaded (config %s)", new.digest[:12])
