@@ -73,3 +73,16 @@ def test_policy_modules_import_no_io_library() -> None:
             "'sounddevice') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_config_and_log_level_accepted_after_the_command(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """As people type it: ``edge-assistant run --config FILE`` as well as ``edge-assistant --config FILE run``."""
+    from edge_assistant.cli import build_parser, main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[limits]\nqueue_size = 'lots'\n")
+    assert main(["detect", "--config", str(bad), "--log-level", "ERROR"]) == 78
+    assert "limits.queue_size: expected an integer" in capsys.readouterr().err
+    args = build_parser().parse_args(["knowledge", "search", "--config", "x.toml", "--limit", "2", "coolant", "oil"])
+    assert (args.config, args.limit, args.text) == ("x.toml", 2, ["coolant", "oil"])
+    assert build_parser().parse_args(["--config", "y.toml", "run"]).config == "y.toml"
