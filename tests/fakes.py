@@ -115,6 +115,9 @@ class FakeClient:
     def disconnect(self) -> None:
         return None
 
+    def socket(self) -> None:
+        return None
+
     def loop_stop(self) -> None:
         return None
 

@@ -192,3 +192,26 @@ def test_fuzzed_payloads_each_get_exactly_one_final_reply(payload: bytes) -> Non
         assert finals[0]["status"] in ("ok", "error", "refused")
     finally:
         rig.scheduler.stop(grace_s=1)
+
+
+def test_busy_and_queue_depth_are_published_when_they_change(rig: Rig) -> None:
+    """Retained on their own topic at every change, so even a short generation shows as busy in Home Assistant."""
+    rig.send('{"text": "one two", "id": "b1"}')
+    rig.wait_acks(1)
+    rig.client.wait(lambda: json.loads(rig.client.on("edge/dev1/state")[-1].payload) == {"busy": False,
+                                                                                        "queue_depth": 0})
+    states = [json.loads(p.payload) for p in rig.client.on("edge/dev1/state")]
+    assert {"busy": True, "queue_depth": 0} in states
+    assert all(p.retain for p in rig.client.on("edge/dev1/state"))
+
+
+def test_health_and_state_are_published_on_connect(rig: Rig) -> None:
+    """After a restart the sensors show this process's figures at once, not the last process's for 30 s."""
+    from types import SimpleNamespace
+
+    rig.service._on_connect(rig.client, None, SimpleNamespace(session_present=False),  # type: ignore[arg-type]
+                            SimpleNamespace(is_failure=False), None)
+    (health,) = rig.client.on("edge/dev1/health")
+    assert health.retain and json.loads(health.payload)["busy"] is False
+    assert json.loads(rig.client.on("edge/dev1/state")[-1].payload) == {"busy": False, "queue_depth": 0}
+    assert rig.client.on("edge/dev1/status")[-1].payload == b"online"

@@ -206,7 +206,11 @@ def test_discovery_components_carry_their_own_qos_and_the_answer_its_sources() -
     while the daemon restarts is kept by the broker. An empty question cannot be sent (min 1)."""
     from edge_assistant.discovery import discovery_payload
 
-    cfg = discovery_payload(T, "dev1", "m.gguf", "x86-avx2")
+    cfg = discovery_payload(T, "dev1", "m.gguf", "x86-avx2", temperature=False)
     assert all(c["qos"] == 1 for c in cfg["cmps"].values())
+    assert "temperature" not in cfg["cmps"]  # no sensor on this machine: no entity that stays unknown
+    assert cfg["cmps"]["busy"]["stat_t"] == cfg["cmps"]["queue"]["stat_t"] == "edge/dev1/state"
+    numeric = [c for c in cfg["cmps"].values() if c["p"] == "sensor" and "unit_of_meas" in c]
+    assert numeric and all(c["stat_cla"] == "measurement" and c.get("icon") for c in numeric)
     assert cfg["cmps"]["ask"]["min"] == 1
     assert "value_json.sources" in cfg["cmps"]["answer"]["json_attr_tpl"]

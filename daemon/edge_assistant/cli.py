@@ -1,4 +1,4 @@
-"""Command line: ``edge-assistant detect | models | generate | run | ask | listen | knowledge``."""
+"""Command line: ``edge-assistant detect | models | generate | prepare | run | ask | listen | knowledge``."""
 
 from __future__ import annotations
 
@@ -144,6 +144,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if reply.error is not None:
             print(f"edge-assistant: {reply.error.code}: {reply.error.message}", file=sys.stderr)
     return 0 if reply.status == "ok" else 1
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Everything start-up would compute that depends only on the model and the config: the guard examples'
+    embeddings (cached beside the model) and the documents' index, so that the daemon starts in seconds."""
+    config = _config(args)
+    t0 = time.monotonic()
+    plan = app.plan(config)
+    runtime = app.load(config, plan)
+    runtime.close()
+    path = plan.choice.info.path
+    caches = sorted(p.name for p in path.parent.glob(f".{path.name}.*.embeddings.npz"))
+    print(f"prepared {path.name} in {time.monotonic() - t0:.1f} s"
+          + (f"; guard examples embedded in {caches[0]}" if caches else "")
+          + ("; documents indexed" if config.knowledge.paths else ""))
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -309,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="force a profile by name")
     p.add_argument("--json", action="store_true", help="print the whole reply as JSON (with provenance)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("prepare", help="compute what start-up needs ahead of time (guard embeddings, document index)")
+    p.add_argument("--model-dir")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("run", help="run the daemon: load the model and serve over MQTT (under systemd or not)")
     p.add_argument("--model-dir")

@@ -13,13 +13,19 @@ def discovery_topic(discovery_prefix: str, device: str) -> str:
     return f"{discovery_prefix}/device/edge-assistant-{device}/config"
 
 
-def discovery_payload(topics: Topics, device: str, model: str, profile: str) -> dict[str, Any]:
-    """One device with a text entity to ask, the last answer, a busy flag and health sensors."""
+def discovery_payload(topics: Topics, device: str, model: str, profile: str,
+                      temperature: bool = True) -> dict[str, Any]:
+    """One device with a text entity to ask, the last answer, a busy flag and health sensors (a temperature
+    sensor only where the machine has one)."""
     uid = f"edge_assistant_{device}"
 
-    def health_sensor(name: str, key: str, unit: str | None = None, device_class: str | None = None) -> dict[str, Any]:
-        cmp: dict[str, Any] = {"p": "sensor", "name": name, "uniq_id": f"{uid}_{key}", "stat_t": topics.health,
-                               "val_tpl": f"{{{{ value_json.{key} }}}}", "ent_cat": "diagnostic"}
+    def health_sensor(name: str, key: str, unit: str | None = None, device_class: str | None = None,
+                      icon: str | None = None, topic: str = topics.health) -> dict[str, Any]:
+        cmp: dict[str, Any] = {"p": "sensor", "name": name, "uniq_id": f"{uid}_{key}", "stat_t": topic,
+                               "val_tpl": f"{{{{ value_json.{key} }}}}", "ent_cat": "diagnostic",
+                               "stat_cla": "measurement"}
+        if icon:
+            cmp["icon"] = icon
         if unit:
             cmp["unit_of_meas"] = unit
         if device_class:
@@ -35,14 +41,15 @@ def discovery_payload(topics: Topics, device: str, model: str, profile: str) -> 
                                     "'persona': value_json.persona, 'status': value_json.status, "
                                     "'error': value_json.error, 'sources': value_json.sources} | tojson }}",
                    "icon": "mdi:chat"},
-        "busy": {"p": "binary_sensor", "name": "Busy", "uniq_id": f"{uid}_busy", "stat_t": topics.health,
+        "busy": {"p": "binary_sensor", "name": "Busy", "uniq_id": f"{uid}_busy", "stat_t": topics.state,
                  "val_tpl": "{{ 'ON' if value_json.busy else 'OFF' }}", "dev_cla": "running"},
-        "queue": health_sensor("Queue depth", "queue_depth"),
-        "tokens_per_s": health_sensor("Tokens per second", "last_tokens_per_s", "tok/s"),
-        "cpu": health_sensor("CPU", "cpu_percent", "%"),
-        "memory": health_sensor("Memory", "mem_percent", "%"),
-        "temperature": health_sensor("Temperature", "temperature_c", "°C", "temperature"),
+        "queue": health_sensor("Queue depth", "queue_depth", icon="mdi:tray-full", topic=topics.state),
+        "tokens_per_s": health_sensor("Tokens per second", "last_tokens_per_s", "tok/s", icon="mdi:speedometer"),
+        "cpu": health_sensor("CPU", "cpu_percent", "%", icon="mdi:cpu-64-bit"),
+        "memory": health_sensor("Memory", "mem_percent", "%", icon="mdi:memory"),
     }
+    if temperature:
+        cmps["temperature"] = health_sensor("Temperature", "temperature_c", "°C", "temperature")
     for cmp in cmps.values():  # Home Assistant does not pass a device-level qos on to the components
         cmp["qos"] = 1
     return {

@@ -36,6 +36,11 @@ class HealthSampler:
         return out
 
 
+def has_temperature() -> bool:
+    """Whether this machine reports a temperature (no Home Assistant entity is made for one it never will)."""
+    return _temperature() is not None
+
+
 def _temperature() -> float | None:
     try:
         temps = psutil.sensors_temperatures()

@@ -30,7 +30,7 @@ from . import protocol
 from .config import Config, PlcRoute
 from .discovery import discovery_payload, discovery_topic
 from .errors import BrokerAuthError, EdgeError, ExpiredError, RequestError
-from .health import HealthSampler
+from .health import HealthSampler, has_temperature
 from .messages import Reply, error_reply
 from .plc import PlcGateway
 from .scheduler import PRIORITY_CHAT, Scheduler
@@ -65,6 +65,9 @@ class MqttService:
         self._stopping = threading.Event()
         self.on_control = on_control
         self._health_thread: threading.Thread | None = None
+        self._state_lock = threading.Lock()
+        self._published_state: tuple[bool, int] | None = None
+        scheduler.on_change(self._publish_state)
         self.client = make_client() if make_client is not None else self._make_client()
         self._wire(self.client)
 
@@ -147,6 +150,10 @@ class MqttService:
             client.subscribe([(t, SubscribeOptions(qos=1)) for t in subs])
             client.publish(self.topics.status, "online", qos=1, retain=True)
             self._publish_discovery()
+            with self._state_lock:
+                self._published_state = None
+            self._publish_state()
+            self._publish_health()  # now, not one interval later: dashboards show this process's figures at once
             self._connected.set()
         except Exception:  # a callback must never take the network loop down
             log.exception("error in on_connect")
@@ -160,7 +167,8 @@ class MqttService:
     def _publish_discovery(self) -> None:
         if not self.config.mqtt.discovery:
             return
-        payload = discovery_payload(self.topics, self.config.device, self.model, self.profile)
+        payload = discovery_payload(self.topics, self.config.device, self.model, self.profile,
+                                    temperature=has_temperature())
         self.client.publish(discovery_topic(self.config.mqtt.discovery_prefix, self.config.device),
                             json.dumps(payload), qos=1, retain=True)
 
@@ -326,14 +334,27 @@ class MqttService:
                      "device": self.config.device})
         return data
 
+    def _publish_health(self) -> None:
+        try:
+            self.client.publish(self.topics.health, json.dumps(self.health_payload()), qos=0, retain=True)
+        except Exception:
+            log.exception("error publishing health")
+
+    def _publish_state(self) -> None:
+        """``busy`` and ``queue_depth`` when either changed (retained): short generations show as busy too."""
+        with self._state_lock:
+            state = (self.scheduler.busy, self.scheduler.depth)
+            if state == self._published_state:
+                return
+            self._published_state = state
+            self.client.publish(self.topics.state, json.dumps({"busy": state[0], "queue_depth": state[1]}), qos=1,
+                                retain=True)
+
     def _health_loop(self) -> None:
         interval = self.config.mqtt.health_interval_s
         while not self._stopping.wait(interval):
-            try:
-                if self.connected:
-                    self.client.publish(self.topics.health, json.dumps(self.health_payload()), qos=0)
-            except Exception:
-                log.exception("error publishing health")
+            if self.connected:
+                self._publish_health()
 
     # -- shutdown ---------------------------------------------------------------------------------------------
 
@@ -346,6 +367,7 @@ class MqttService:
         the same session.
         """
         self._stopping.set()
+        self.scheduler.remove_listener(self._publish_state)
         if handover:
             left = self.scheduler.withdraw(self.owner)
             if left:

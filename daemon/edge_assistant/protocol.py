@@ -54,6 +54,11 @@ class Topics:
         return f"{self.base}/health"
 
     @property
+    def state(self) -> str:
+        """Retained ``{"busy", "queue_depth"}``, published whenever either changes."""
+        return f"{self.base}/state"
+
+    @property
     def answer(self) -> str:
         """The last answer, for dashboards and Home Assistant (every reply is copied here)."""
         return f"{self.base}/answer"

@@ -115,6 +115,11 @@ class Scheduler:
         """Call ``listener`` (on the thread that made the change) whenever ``busy`` or ``depth`` changes."""
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling ``listener``."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def _changed(self) -> None:
         for listener in self._listeners:
             try:
