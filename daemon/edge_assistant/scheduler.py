@@ -242,12 +242,6 @@ class Scheduler:
             log.info("released the old model before loading the new one")
         return True
 
-    def unhold(self) -> None:
-        """Let the queue run again after a ``release`` whose reload failed (with whatever runtime is left)."""
-        with self._cond:
-            self._hold = False
-            self._cond.notify_all()
-
     # -- shutdown ----------------------------------------------------------------------------------------------
 
     def stop(self, grace_s: float = 10.0) -> None:

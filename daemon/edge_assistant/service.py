@@ -160,6 +160,8 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.voice: VoiceLoop | None = None
         self.voice_error = ""
+        self.fatal: EdgeError | None = None
+        """An error that stopped the daemon after start (the process exits with its code)."""
         self._loaded_file: tuple[str, int, int, int] | None = None
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -297,7 +299,7 @@ class Daemon:
         if self.mqtt is not None:
             self.mqtt.stop()
         log.info("stopped")
-        return 0
+        return self.fatal.exit_code if self.fatal is not None else 0
 
     def reload(self) -> None:
         """Re-read the config and bring the documents' index up to date (on the reload thread).
@@ -357,7 +359,12 @@ class Daemon:
         except EdgeError:
             if release:  # the old model is gone: load it again, or nothing would answer
                 log.error("the new model failed to load; loading the previous one again")
-                self.scheduler.swap(app.load(self.config, self.plan))
+                try:
+                    self.scheduler.swap(app.load(self.config, self.plan))
+                except EdgeError as again:
+                    log.critical("the previous model failed to load too (%s): stopping", again.message)
+                    self.fatal = again
+                    self._stop.set()
             raise
 
     def _reconnect(self, new: Config, old: Config) -> None:
