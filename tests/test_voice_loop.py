@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from edge_assistant.config import VoiceConfig
+from edge_assistant.pipeline import Runtime
 from edge_assistant.scheduler import Scheduler
 from edge_assistant.voice import loop as voice_loop
 from edge_assistant.voice.loop import VoiceLoop, VoiceState
@@ -101,9 +102,9 @@ class FakeSpeaker:
 
 
 class Rig:
-    def __init__(self, activation: str = "always") -> None:
+    def __init__(self, activation: str = "always", runtime: Runtime | None = None) -> None:
         self.engine = FakeEngine()
-        self.scheduler = Scheduler(fake_runtime(self.engine))
+        self.scheduler = Scheduler(runtime or fake_runtime(self.engine))
         self.scheduler.start()
         self.source = ScriptSource()
         self.speaker = FakeSpeaker()
@@ -225,3 +226,25 @@ def test_history_is_bounded() -> None:
     rig.finish()
     assert len(rig.loop.replies) == voice_loop.HISTORY
     assert rig.loop.replies[-1].text.endswith(f"question number {voice_loop.HISTORY + 9}")
+
+
+def test_a_spoken_answer_from_the_documents_publishes_its_sources(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The answer is spoken; its sources go with the voice answer event (published on the voice answer topic)."""
+    from dataclasses import replace
+
+    from edge_assistant.config import KnowledgeConfig
+    from edge_assistant.knowledge import Retriever, build_index
+
+    from knowledgekit import make_documents
+
+    kcfg = KnowledgeConfig(paths=(str(make_documents(tmp_path / "docs")),), index=str(tmp_path / "i.sqlite"))
+    build_index(kcfg)
+    rig = Rig(runtime=replace(fake_runtime(), knowledge=Retriever.open(kcfg)))
+    rig.thread.start()
+    rig.feed(b"say:what does alarm 1030 mean")
+    rig.finish()
+    (answer,) = [d for k, d in rig.events if k == "answer"]
+    assert answer["status"] == "ok" and str(answer["text"]).startswith("1030 — Chip conveyor overload.")
+    assert answer["sources"] == [{"document": "alarms.csv", "location": "row 18 (code 1030)",
+                                  "excerpt": rig.loop.replies[-1].sources[0].excerpt}]
+    assert " ".join(rig.speaker.said).startswith("1030 — Chip conveyor overload.")
