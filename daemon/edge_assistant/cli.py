@@ -108,6 +108,18 @@ def _serve_locally(config: Config, voice: bool = False) -> Scheduler:
     return scheduler
 
 
+class _Printer:
+    """Prints streamed pieces as they come; ``shown`` says whether any came (a refusal is not streamed)."""
+
+    def __init__(self) -> None:
+        self.shown = False
+
+    def __call__(self, piece: str) -> None:
+        self.shown = True
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+
 def print_sources(reply: dict[str, Any] | Reply, out: Any = sys.stdout) -> None:
     """The sources of an answer, one per line under it."""
     sources = reply.get("sources") if isinstance(reply, dict) else [asdict(s) for s in reply.sources]
@@ -122,12 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = _config(args)
     scheduler = _serve_locally(config)
     streamed = not args.json
-    shown: list[str] = []
-
-    def show(piece: str) -> None:
-        shown.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    show = _Printer()
 
     try:
         reply = scheduler.ask(Request(text=args.text, persona=args.persona or "", max_tokens=args.max_tokens,
@@ -137,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reply.to_dict(), ensure_ascii=False, indent=2))
     else:
-        if not shown:
+        if not show.shown:
             sys.stdout.write(reply.text)  # a refusal is not streamed
         sys.stdout.write("\n")
         print_sources(reply)
@@ -186,12 +193,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.max_tokens is not None:
         body["max_tokens"] = args.max_tokens
 
-    shown: list[str] = []
-
-    def show(piece: str) -> None:
-        shown.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    show = _Printer()
 
     from .mqtt import _password
 
@@ -202,7 +204,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reply, ensure_ascii=False, indent=2))
     else:
-        if not shown:
+        if not show.shown:
             sys.stdout.write(str(reply.get("text", "")))  # a refusal is not streamed
         sys.stdout.write("\n")
         print_sources(reply)
@@ -366,12 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("text", nargs="+", help="the question")
     k.add_argument("--limit", type=int, default=5, help="passages to show")
     k.add_argument("--json", action="store_true")
-    for k in (p, *ksub.choices.values()):
+    for k in ksub.choices.values():
         k.set_defaults(func=cmd_knowledge)
-        if k is not p:
-            k.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-            k.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    for p in sub.choices.values():  # as people type them: after the subcommand too
+    for p in (*sub.choices.values(), *ksub.choices.values()):  # as people type them: after the command too
         p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import KnowledgeConfig
@@ -502,14 +502,11 @@ class Retriever:
         with self._lock:
             idents = identifiers_in(question)
             by_id = self._by_identifier(idents) if idents else []
-            named = [i for i in idents if i not in {p.row_id for p in by_id}]
             if strict_ids and idents and not by_id:
                 # An identifier no document has: the documents do not cover this question, whatever its words.
-                return [replace_coverage(p, 0.0) for p in self._by_words(question, limit)]
+                return [replace(p, coverage=0.0) for p in self._by_words(question, limit)]
             if by_id:
                 # The identifier's own passages only: a small model does best with few, relevant ones.
-                if named:
-                    log.debug("identifiers without a passage: %s", named)
                 return by_id[:limit]
             return self._by_words(question, limit)
 
@@ -553,11 +550,6 @@ class Retriever:
             out.append(Passage(name, location, text, round(float(score), 4), round(cover, 4), "words", row_id))
         out.sort(key=lambda p: (p.coverage < self.min_coverage, p.score))
         return out[:limit]
-
-
-def replace_coverage(p: Passage, coverage: float) -> Passage:
-    """``p`` with another coverage."""
-    return Passage(p.document, p.location, p.text, p.score, coverage, p.matched, p.row_id)
 
 
 def _quote(word: str) -> str:

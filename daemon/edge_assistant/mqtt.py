@@ -313,11 +313,6 @@ class MqttService:
         self.client.publish(self.topics.answer, protocol.answer_payload(reply, self._max_packet), qos=1,
                             retain=True)
 
-    def publish_answer(self, reply: Reply) -> None:
-        """Copy an answer given elsewhere (voice) to the answer topic."""
-        self.client.publish(self.topics.answer, protocol.answer_payload(reply, self._max_packet), qos=1,
-                            retain=True)
-
     def publish_voice(self, kind: str, data: dict[str, Any]) -> None:
         """A voice event (wake, partial, final, answer, barge_in) on ``<prefix>/<device>/voice/<kind>``."""
         self.client.publish(f"{self.topics.base}/voice/{kind}", json.dumps(data, ensure_ascii=False), qos=0)

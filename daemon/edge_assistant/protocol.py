@@ -165,7 +165,7 @@ def parse(topics: Topics, topic: str, payload: bytes, *, max_bytes: int, allowed
     """Turn one MQTT message into an ``Incoming``; faults raise ``RequestError`` subclasses."""
     data = decode_payload(payload, max_bytes)
     reply_topic = check_reply_topic(response_topic or str(data.get("reply_to", "")), allowed_prefix)
-    rid = str(data.get("id", "")) or (_corr_text(correlation) if correlation else "")
+    rid = str(data.get("id", "")) or (correlation_text(correlation) if correlation else "")
     persona = topics.persona_of(topic)
     if data.get("persona") and persona and data["persona"] != persona:
         raise BadRequestError(f"persona {data['persona']!r} in the payload contradicts {persona!r} in the topic")
@@ -209,8 +209,8 @@ def salvage(payload: bytes, max_bytes: int) -> tuple[str, str, str]:
         number = name == "id" and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
         text = str(value) if isinstance(value, str) or number else ""
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
+            _check_string(name, text)
+        except BadRequestError:
             text = ""
         out.append(text)
     return out[0], out[1], out[2]
@@ -218,10 +218,6 @@ def salvage(payload: bytes, max_bytes: int) -> tuple[str, str, str]:
 
 def correlation_text(correlation: bytes) -> str:
     """Correlation data as an id: its text when it is UTF-8, else its hex."""
-    return _corr_text(correlation)
-
-
-def _corr_text(correlation: bytes) -> str:
     try:
         return correlation.decode("utf-8")
     except UnicodeDecodeError:
