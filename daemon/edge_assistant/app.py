@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
+from .cpuload import ThreadGovernor
 from .engine import Engine, LlamaEmbedder
 from .errors import ModelCorruptError, ModelMissingError
 from .guard import Chooser, Relevance
@@ -68,7 +69,7 @@ def load(config: Config, the_plan: Plan) -> Runtime:
     path = the_plan.choice.info.path
     sha = verify(path, expected_sha256(path, config.model.sha256))
     engine = Engine.load(the_plan.choice, the_plan.settings, sha)
-    embedder = load_embedder(config, the_plan, sha)
+    embedder = load_embedder(config, the_plan, sha, engine.governor)
     return build_runtime(config, the_plan, engine, embedder, open_knowledge(config))
 
 
@@ -96,7 +97,8 @@ def open_knowledge(config: Config, reindex: bool = True) -> Retriever | None:
     return Retriever.open(config.knowledge)
 
 
-def load_embedder(config: Config, the_plan: Plan, sha256: str) -> LlamaEmbedder | None:
+def load_embedder(config: Config, the_plan: Plan, sha256: str,
+                  governor: ThreadGovernor | None = None) -> LlamaEmbedder | None:
     """An embedding context on the chosen model, when a persona's guard uses embeddings.
 
     The guard examples' embeddings are kept beside the model, named by its SHA-256, so a restart does not
@@ -108,4 +110,4 @@ def load_embedder(config: Config, the_plan: Plan, sha256: str) -> LlamaEmbedder 
         return None
     path = the_plan.choice.info.path
     cache = path.with_name(f".{path.name}.{sha256[:16]}.embeddings.npz")
-    return LlamaEmbedder.load(str(path), the_plan.settings.n_threads, cache)
+    return LlamaEmbedder.load(str(path), the_plan.settings.n_threads, cache, governor)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .cpuload import ContextThreads, ThreadGovernor, psutil_sampler
 from .errors import ContextOverflowError, ModelCorruptError
 from .messages import FinishReason, Generation, Message, Sampling
 from .models import ModelChoice
@@ -34,8 +35,12 @@ MAX_EMBED_TOKENS = 128
 class Engine:
     """A loaded model. Create with ``Engine.load``."""
 
-    def __init__(self, llm: Any, choice: ModelChoice, settings: Settings, sha256: str) -> None:
+    def __init__(self, llm: Any, choice: ModelChoice, settings: Settings, sha256: str,
+                 governor: ThreadGovernor | None = None) -> None:
         self._llm = llm
+        self.governor = governor
+        """Lowers the thread counts while other processes keep the CPUs busy (None: the planned counts)."""
+        self._threads = ContextThreads(governor, _thread_setter(llm))
         self._lock = threading.Lock()
         self.choice = choice
         self.settings = settings
@@ -76,7 +81,9 @@ class Engine:
             raise ModelCorruptError(f"{path}: llama.cpp could not load it: {exc}") from exc
         log.info("loaded %s (%s, n_ctx %d, %d/%d threads) in %.2f s", path.name, choice.info.quantization,
                  choice.n_ctx, settings.n_threads, settings.n_threads_batch, time.monotonic() - t0)
-        return cls(llm, choice, settings, sha256)
+        governor = ThreadGovernor(settings.n_threads, settings.n_threads_batch, settings.usable_cpus,
+                                  psutil_sampler(settings.cpus) if settings.usable_cpus else None)
+        return cls(llm, choice, settings, sha256, governor)
 
     def close(self) -> None:
         """Unmap the model and free its context (the engine is unusable afterwards)."""
@@ -133,6 +140,7 @@ class Engine:
         if len(prompt) >= self.n_ctx:
             raise ContextOverflowError(f"the prompt is {len(prompt)} tokens and the context holds {self.n_ctx}")
         with self._lock:
+            self._threads.update(starting=True)
             self._llm.set_seed(seed)
             self._llm.reset()
             out = self._llm.create_completion(prompt, max_tokens=max(len(o) for o in options), temperature=0.0,
@@ -145,6 +153,7 @@ class Engine:
         llm = self._llm
         llm.set_seed(sampling.seed)
         t0 = time.monotonic()
+        self._threads.update(starting=True)
         n = len(prefix)
         cached = bool(n and llm.n_tokens >= n and list(llm.input_ids[:n]) == prefix)
         if cached:
@@ -181,6 +190,7 @@ class Engine:
                 if deadline is not None and time.monotonic() > deadline:
                     finish = "timeout"
                     break
+                self._threads.update()
         finally:
             gen.close()
         tail = decoder.decode(b"", final=True)
@@ -206,8 +216,9 @@ class LlamaEmbedder:
     The weights are memory-mapped once by the kernel for both contexts; this one adds a 512-token KV cache.
     """
 
-    def __init__(self, llm: Any, cache: Path | None = None) -> None:
+    def __init__(self, llm: Any, cache: Path | None = None, governor: ThreadGovernor | None = None) -> None:
         self._llm = llm
+        self._threads = ContextThreads(governor, _thread_setter(llm))
         self._lock = threading.Lock()
         self._cache_path = cache
         self._cache: dict[str, Any] = {}
@@ -221,15 +232,19 @@ class LlamaEmbedder:
                 log.warning("ignoring the embedding cache %s: %s", cache, exc)
 
     @classmethod
-    def load(cls, path: str, n_threads: int, cache: Path | None = None) -> LlamaEmbedder:
-        """Open ``path`` for embeddings; ``cache`` keeps remembered embeddings across restarts."""
+    def load(cls, path: str, n_threads: int, cache: Path | None = None,
+             governor: ThreadGovernor | None = None) -> LlamaEmbedder:
+        """Open ``path`` for embeddings; ``cache`` keeps remembered embeddings across restarts.
+
+        ``governor`` (the engine's, planned with ``n_threads`` for both counts) lowers the threads under load.
+        """
         import llama_cpp
 
         # Pooling is left to the model's default (none for chat models: one vector per token) and done here:
         # asking llama.cpp for mean pooling on such a model makes it print a warning on every load.
         llm = llama_cpp.Llama(model_path=path, embedding=True, n_ctx=512, n_batch=512, n_ubatch=512,
                               n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
-        return cls(llm, cache)
+        return cls(llm, cache, governor)
 
     def close(self) -> None:
         """Free the embedding context."""
@@ -252,6 +267,7 @@ class LlamaEmbedder:
             for text in texts:
                 vec = self._cache.get(text)
                 if vec is None:
+                    self._threads.update(starting=True)
                     out = np.asarray(self._llm.embed(self._head(text), normalize=False, truncate=True),
                                      dtype=np.float32)
                     vec = out.mean(axis=0) if out.ndim == 2 else out
@@ -282,6 +298,13 @@ class LlamaEmbedder:
         except OSError as exc:  # a read-only or full disk: the vectors stay in memory, embedded again next start
             log.warning("cannot write the embedding cache %s: %s", self._cache_path, exc)
             tmp.unlink(missing_ok=True)
+
+
+def _thread_setter(llm: Any) -> Callable[[int, int], None]:
+    def apply(n_threads: int, n_threads_batch: int) -> None:
+        llm._ctx.set_n_threads(n_threads, n_threads_batch)  # llama_set_n_threads: from the next decode on
+
+    return apply
 
 
 def _formatter(llm: Any, add_generation_prompt: bool = True) -> Any:

@@ -8,6 +8,7 @@ with an empty ``[match]`` catches the rest. The config file may force a profile 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -174,6 +175,10 @@ class Settings:
     memory_share: float
     reasons: Mapping[str, str]
     """Setting name to a sentence saying why it has its value."""
+    cpus: tuple[int, ...] = ()
+    """The CPUs the threads may run on (the affinity set); empty: all."""
+    usable_cpus: int = 0
+    """How many CPUs this process can keep busy (affinity, cgroup quota); 0: unknown, the thread plan stands."""
 
 
 def default_profiles_dir() -> Path:
@@ -243,6 +248,18 @@ def _threads(policy: ThreadPolicy, hw: HardwareInfo) -> tuple[int, str]:
     return max(1, n), what
 
 
+def threads_under_load(planned: int, usable_cpus: int, others_busy: float) -> int:
+    """Threads to run now: ``planned``, but none on a CPU that other processes keep busy.
+
+    ``others_busy`` is how many CPUs other processes use (0.5 or more of a CPU counts as one taken). llama.cpp's
+    threads wait for each other at every step, so a thread that must share its CPU holds all of them back.
+    """
+    if usable_cpus <= 0:
+        return planned
+    taken = math.floor(others_busy + 0.5)
+    return max(1, min(planned, usable_cpus - taken))
+
+
 def resolve(profile: Profile, hw: HardwareInfo, overrides: ProfileOverrides | None = None,
             voice: bool = False, why_profile: str = "") -> Settings:
     """Turn a profile and the hardware into concrete settings, with a reason for each."""
@@ -263,9 +280,11 @@ def resolve(profile: Profile, hw: HardwareInfo, overrides: ProfileOverrides | No
     n_threads = max(1, min(base - reserve, s.max_threads))
     reasons["n_threads"] = (f"{n_threads}: policy '{s.threads}' ({src['threads']}) gives {what}; {reserve_why}; "
                             f"at most {s.max_threads} ({src['max_threads']})")
+    reasons["n_threads"] += "; fewer while other processes keep these CPUs busy"
     if ov.n_threads is not None:
         n_threads = ov.n_threads
-        reasons["n_threads"] = f"{n_threads}: config override (policy would give {reasons['n_threads']})"
+        reasons["n_threads"] = (f"{n_threads}, whatever else runs: config override "
+                                f"(policy would give {reasons['n_threads']})")
     if s.batch_threads == "usable":
         n_batch_threads = max(n_threads, min(base, s.max_threads))
         reasons["n_threads_batch"] = f"{n_batch_threads}: every CPU of the policy (prompt processing is short)"
@@ -302,4 +321,6 @@ def resolve(profile: Profile, hw: HardwareInfo, overrides: ProfileOverrides | No
         use_mlock=s.use_mlock,
         memory_share=s.memory_share,
         reasons=reasons,
+        cpus=tuple(sorted(hw.affinity)),
+        usable_cpus=0 if ov.n_threads is not None else hw.usable_cpus,
     )
