@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from edge_assistant.hardware import detect, parse_cpu_list
-from edge_assistant.profiles import default_profiles_dir, load_profiles, match, resolve
+from edge_assistant.profiles import ProfileOverrides, default_profiles_dir, load_profiles, match, resolve
 
 from conftest import DEVICES, copy_device
 
@@ -103,3 +104,102 @@ def test_empty_root_is_not_a_crash(tmp_path: Path) -> None:
                                                 ("", ())])
 def test_parse_cpu_list(text: str, expected: tuple[int, ...]) -> None:
     assert parse_cpu_list(text) == expected
+
+
+# Every recorded tree: what detection and the profiles must decide. The expected values are those written in each
+# tree's SOURCE.md before the detector first ran on it.
+# device, profile, generation threads, batch threads, GPU layers, quantizations first, reason the threads must give
+TRUTH = [
+    ("rpi4", "raspberry-pi-4", 3, 4, 0, ("Q4_0", "Q4_1"), "4 CPUs; 1 kept"),
+    ("rpi5", "raspberry-pi-5", 3, 4, 0, ("Q4_0", "Q4_K_M"), "4 CPUs; 1 kept"),
+    ("jetson-orin-nano", "jetson-orin", 4, 4, -1, ("Q4_K_M", "Q4_0"), "every layer on the GPU"),
+    ("x86-avx2-epyc", "x86-avx2", 2, 2, 0, ("Q4_K_M", "Q4_0"), "no reserve with 2 or fewer CPUs"),
+    ("rk3588-orangepi5", "arm64-generic", 2, 3, 0, ("Q4_0", "Q4_K_M"), "capped to 3 by the cgroup quota"),
+    ("rpi3-raspbian-32bit", "raspberry-pi-3", 3, 3, 0, ("Q4_0", "Q4_1", "Q4_K_M"), "4 CPUs; 1 kept"),
+    ("rpi-zero2w-one-block", "raspberry-pi-3", 3, 3, 0, ("Q4_0", "Q4_1", "Q4_K_M"), "4 CPUs; 1 kept"),
+    ("jetson-agx-orin-container", "jetson-orin", 4, 4, -1, ("Q4_K_M", "Q4_0"), "at most 4 (profile jetson-orin, "
+                                                                               "every layer on the GPU)"),
+    ("jetson-orin-nano-no-release", "jetson-orin", 4, 4, -1, ("Q4_K_M", "Q4_0"), "every layer on the GPU"),
+    ("rk3588-cpuinfo-only", "arm64-generic", 4, 4, 0, ("Q4_0", "Q4_K_M"),
+     "4 big cores (4 little cores left out); none kept free"),
+    ("intel-i7-12700k-hybrid", "x86-avx2", 8, 8, 0, ("Q4_K_M", "Q4_0"),
+     "8 performance physical cores (4 efficiency cores left out); none kept free"),
+    ("intel-i7-1250u-openwrt", "x86-avx2", 2, 2, 0, ("Q4_K_M", "Q4_0"),
+     "2 performance physical cores (8 efficiency cores left out)"),
+    ("celeron-j4105-futro-s740", "x86-baseline", 3, 3, 0, ("Q4_0", "Q4_1"), "4 physical cores; 1 kept"),
+    ("amd-ryzen5-surface-apu", "x86-avx2", 5, 5, 0, ("Q4_K_M", "Q4_0"), "6 physical cores; 1 kept"),
+]
+
+
+def test_every_recorded_tree_is_in_the_table() -> None:
+    assert sorted(t[0] for t in TRUTH) == sorted(p.name for p in DEVICES.iterdir() if p.is_dir())
+    assert all((DEVICES / t[0] / "SOURCE.md").is_file() for t in TRUTH)
+
+
+@pytest.mark.parametrize(("device", "profile", "threads", "batch", "gpu", "quants", "why"), TRUTH,
+                         ids=[t[0] for t in TRUTH])
+def test_hardware_truth(device: str, profile: str, threads: int, batch: int, gpu: int, quants: tuple[str, ...],
+                        why: str) -> None:
+    hw = detect(DEVICES / device)
+    chosen, reason = match(hw, load_profiles(default_profiles_dir()))
+    assert chosen.name == profile, reason
+    s = resolve(chosen, hw)
+    assert (s.n_threads, s.n_threads_batch, s.n_gpu_layers) == (threads, batch, gpu), s.reasons
+    assert s.quant_order[: len(quants)] == quants
+    assert why in s.reasons["n_threads"]
+
+
+def test_partial_and_32bit_cpuinfo() -> None:
+    pi3 = detect(DEVICES / "rpi3-raspbian-32bit")
+    assert pi3.arch == "armv7l" and {"neon", "vfpv4", "idiva"} <= pi3.features and len(pi3.cpus) == 4
+    assert pi3.cpu_model == "ARMv7 Processor rev 4 (v7l)"
+    zero = detect(DEVICES / "rpi-zero2w-one-block")  # one cpuinfo block; sysfs says four CPUs
+    assert zero.arch == "aarch64" and len(zero.cpus) == 4 and zero.board == "Raspberry Pi Zero 2 W Rev 1.0"
+    celeron = detect(DEVICES / "celeron-j4105-futro-s740")  # one block without a processor line
+    assert celeron.arch == "x86_64" and len(celeron.cpus) == 4 and celeron.physical_cores == 4
+    assert "avx" not in celeron.features
+
+
+def test_big_cores_from_part_numbers_alone() -> None:
+    hw = detect(DEVICES / "rk3588-cpuinfo-only")
+    assert hw.big_cpus == (4, 5, 6, 7) and hw.core_names == ("big", "little")
+    assert {c.core_name for c in hw.cpus} == {"Cortex-A55", "Cortex-A76"}
+
+
+def test_intel_hybrid_from_sysfs_and_from_smt() -> None:
+    k = detect(DEVICES / "intel-i7-12700k-hybrid")
+    assert k.big_cpus == tuple(range(16)) and k.core_names == ("performance", "efficiency")
+    u = detect(DEVICES / "intel-i7-1250u-openwrt")  # Linux 5.10: no cpu_core/cpu_atom; SMT tells them apart
+    assert u.big_cpus == (0, 1, 2, 3) and {c.kind for c in u.cpus} == {"performance", "efficiency"}
+    amd = detect(DEVICES / "amd-ryzen5-surface-apu")  # SMT on every core: alike
+    assert not amd.heterogeneous and amd.physical_cores == 6
+
+
+def test_jetson_orin_found_without_release_file_or_device_tree() -> None:
+    container = detect(DEVICES / "jetson-agx-orin-container")  # release file, no device tree
+    assert container.soc == "tegra234" and container.compatible == () and container.cuda
+    custom = detect(DEVICES / "jetson-orin-nano-no-release")  # device tree, no release file
+    assert custom.soc == "tegra234" and custom.jetson == "" and custom.cuda
+    assert "compatible nvidia," in custom.cuda_reason
+
+
+def test_orin_thread_cap_follows_the_offload() -> None:
+    hw = detect(DEVICES / "jetson-agx-orin-container")
+    profile, _ = match(hw, load_profiles(default_profiles_dir()))
+    assert resolve(profile, hw).n_threads == 4  # every layer on the GPU: the CPU only feeds it
+    partial = resolve(profile, hw, ProfileOverrides(n_gpu_layers=20))
+    assert partial.n_threads == 8 and "at most 8 (profile jetson-orin)" in partial.reasons["n_threads"]
+
+
+def test_detect_json_is_plain_and_stable(capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_assistant.cli import DETECT_SCHEMA, main
+
+    assert main(["detect", "--json", "--root", str(DEVICES / "intel-i7-12700k-hybrid"), "--log-level", "ERROR"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["schema"] == DETECT_SCHEMA == 1
+    hw, settings = out["hardware"], out["settings"]
+    assert hw["features"] == ["avx", "avx2", "avx_vnni", "f16c", "fma"]  # a list, not a set's repr
+    assert hw["heterogeneous"] is True and hw["big_cpus"] == list(range(16))
+    assert {c["kind"] for c in hw["cpus"]} == {"performance", "efficiency"}
+    assert settings["n_threads"] == 8 and settings["quant_order"][0] == "Q4_K_M"
+    assert "4 efficiency cores left out" in settings["reasons"]["n_threads"]

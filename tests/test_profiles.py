@@ -14,20 +14,22 @@ GIB = 1024**3
 
 
 def machine(arch: str = "x86_64", board: str = "", features: tuple[str, ...] = (), ncpu: int = 4,
-            smt: bool = False, jetson: str = "", cuda: bool = False, quota: float | None = None) -> HardwareInfo:
+            smt: bool = False, jetson: str = "", cuda: bool = False, quota: float | None = None,
+            soc: str = "") -> HardwareInfo:
     cpus = tuple(Cpu(i, (0, i // 2 if smt else i), None, None, "") for i in range(ncpu))
     return HardwareInfo(arch=arch, board=board, compatible=(), cpu_model="", features=frozenset(features),
                         cpus=cpus, affinity=tuple(range(ncpu)), cpu_quota=quota, mem_total=8 * GIB,
                         mem_available=6 * GIB, mem_cgroup_limit=None, jetson=jetson, cuda=cuda,
-                        cuda_reason="test")
+                        cuda_reason="test", soc=soc)
 
 
 PROFILES = load_profiles(default_profiles_dir())
 
 TABLE = [
     (machine("aarch64", jetson="# R32 (release), REVISION: 7.1", cuda=True), "jetson-nano"),
-    (machine("aarch64", "NVIDIA Jetson AGX Orin", jetson="# R35 (release), REVISION: 4.1", cuda=True),
-     "jetson-orin"),
+    (machine("aarch64", "NVIDIA Jetson AGX Orin", jetson="# R35 (release), REVISION: 4.1", cuda=True,
+             soc="tegra234"), "jetson-orin"),
+    (machine("armv7l", "Raspberry Pi 3 Model B Rev 1.2", ("neon", "vfpv4")), "raspberry-pi-3"),
     (machine("aarch64", "Raspberry Pi 5 Model B Rev 1.0", ("asimd", "asimddp")), "raspberry-pi-5"),
     (machine("aarch64", "Raspberry Pi Compute Module 4 Rev 1.0", ("asimd",)), "raspberry-pi-4"),
     (machine("x86_64", features=("avx2", "avx512f"), ncpu=16, smt=True), "x86-avx512"),

@@ -15,8 +15,10 @@ from typing import Any
 from . import app
 from .config import Config, config_path_from_env, load_config
 from .errors import EdgeError
+from .hardware import HardwareInfo
 from .messages import Reply, Request
 from .models import MIB
+from .profiles import Settings
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -40,14 +42,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
     config = _config(args)
     hw, settings = app.plan_settings(config, Path(args.root), voice=args.voice)
     if args.json:
-        print(json.dumps({"hardware": asdict(hw) | {"usable_cpus": hw.usable_cpus, "big_cpus": hw.big_cpus},
-                          "settings": asdict(settings)}, indent=2, default=str))
+        print(json.dumps(detect_json(hw, settings), indent=2))
         return 0
     print("Hardware")
-    print(f"  board:        {hw.board or 'unknown'}")
+    print(f"  board:        {hw.board or 'unknown'}" + (f"   soc: {hw.soc}" if hw.soc else ""))
     print(f"  arch:         {hw.arch}   cpu: {hw.cpu_model or (hw.cpus[0].part if hw.cpus else '?')}")
     print(f"  features:     {' '.join(sorted(hw.features)) or 'none of note'}")
-    big = f", big cores {list(hw.big_cpus)}" if hw.heterogeneous else ""
+    big = f", {hw.core_names[0]} cores {list(hw.big_cpus)}" if hw.heterogeneous else ""
     print(f"  cpus:         {len(hw.cpus)} logical, {hw.physical_cores} physical{big}")
     print(f"  affinity:     {list(hw.affinity)}   cgroup quota: "
           f"{'none' if hw.cpu_quota is None else f'{hw.cpu_quota:g} CPUs'}   usable: {hw.usable_cpus}")
@@ -64,6 +65,36 @@ def cmd_detect(args: argparse.Namespace) -> int:
         print(f"  {key:<16} {settings.reasons[key]}")
     print(f"  why:             {settings.reasons['profile']}")
     return 0
+
+
+DETECT_SCHEMA = 1
+"""The version of ``detect --json``'s layout; it changes only when a field is removed or changes meaning."""
+
+
+def detect_json(hw: HardwareInfo, settings: Settings) -> dict[str, Any]:
+    """``detect --json``: a stable layout of plain JSON types (documented in the README)."""
+    return {
+        "schema": DETECT_SCHEMA,
+        "hardware": {
+            "arch": hw.arch, "board": hw.board, "soc": hw.soc, "compatible": list(hw.compatible),
+            "cpu_model": hw.cpu_model, "features": sorted(hw.features),
+            "cpus": [{"index": c.index, "package": c.core[0], "core": c.core[1], "kind": c.kind,
+                      "capacity": c.capacity, "max_khz": c.max_khz, "part": c.part, "core_name": c.core_name}
+                     for c in hw.cpus],
+            "big_cpus": list(hw.big_cpus), "heterogeneous": hw.heterogeneous, "affinity": list(hw.affinity),
+            "cpu_quota": hw.cpu_quota, "usable_cpus": hw.usable_cpus, "mem_total": hw.mem_total,
+            "mem_available": hw.mem_available, "mem_cgroup_limit": hw.mem_cgroup_limit, "jetson": hw.jetson,
+            "cuda": hw.cuda, "cuda_reason": hw.cuda_reason,
+            "thermal": [{"zone": t.zone, "celsius": t.celsius} for t in hw.thermal],
+        },
+        "settings": {
+            "profile": settings.profile, "quant_order": list(settings.quant_order),
+            "n_threads": settings.n_threads, "n_threads_batch": settings.n_threads_batch, "n_ctx": settings.n_ctx,
+            "n_batch": settings.n_batch, "n_ubatch": settings.n_ubatch, "n_gpu_layers": settings.n_gpu_layers,
+            "use_mmap": settings.use_mmap, "use_mlock": settings.use_mlock, "memory_share": settings.memory_share,
+            "reasons": dict(settings.reasons),
+        },
+    }
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -7,15 +7,19 @@ go through the same code.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
-ARM_FEATURES = ("asimd", "asimddp", "asimdhp", "i8mm", "sve", "sve2", "bf16")
+ARM_FEATURES = ("asimd", "asimddp", "asimdhp", "i8mm", "sve", "sve2", "bf16", "neon", "vfpv4", "idiva")
 X86_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avx_vnni", "amx_int8")
 
 
@@ -33,6 +37,12 @@ class Cpu:
     """``cpufreq/cpuinfo_max_freq`` in kHz, when present."""
     part: str
     """The ARM ``CPU part`` id (e.g. ``0xd0b`` for Cortex-A76) or the x86 model name."""
+    kind: str = ""
+    """``performance`` or ``efficiency`` on a hybrid x86 chip (``/sys/devices/cpu_core|cpu_atom/cpus``), else ``""``."""
+    rank: int | None = None
+    """The Arm core's class from ``hardware_data.toml`` (higher is faster), when its part number is known."""
+    core_name: str = ""
+    """The Arm core's name (e.g. ``Cortex-A76``), when its part number is known."""
 
 
 @dataclass(frozen=True)
@@ -79,16 +89,25 @@ class HardwareInfo:
     """What showed the CUDA device, or why none was found."""
     thermal: tuple[Thermal, ...] = field(default=())
     """Thermal zone readings."""
+    soc: str = ""
+    """The system-on-chip (e.g. ``tegra234``, ``rk3588``): the device tree's last compatible string, or what a
+    Jetson release implies; ``""`` when unknown."""
 
     @property
     def big_cpus(self) -> tuple[int, ...]:
         """CPUs of the fastest class (all of them on a machine whose cores are alike)."""
-        return tuple(c.index for c in self.cpus if c.index in _fastest(self.cpus))
+        fastest = core_classes(self.cpus)[0]
+        return tuple(c.index for c in self.cpus if c.index in fastest)
 
     @property
     def heterogeneous(self) -> bool:
         """True on big.LITTLE (or P/E-core) machines."""
-        return len(_fastest(self.cpus)) < len(self.cpus)
+        return len(core_classes(self.cpus)[0]) < len(self.cpus)
+
+    @property
+    def core_names(self) -> tuple[str, str]:
+        """What the fastest class and the others are called: ``performance``/``efficiency`` or ``big``/``little``."""
+        return core_classes(self.cpus)[1]
 
     @property
     def physical_cores(self) -> int:
@@ -112,15 +131,28 @@ class HardwareInfo:
         return limit
 
 
-def _fastest(cpus: tuple[Cpu, ...]) -> set[int]:
-    """Indices of the CPUs in the fastest class, by capacity, else by maximum frequency."""
-    for key in ("capacity", "max_khz"):
+def core_classes(cpus: tuple[Cpu, ...]) -> tuple[set[int], tuple[str, str]]:
+    """Indices of the CPUs in the fastest class, and what the classes are called.
+
+    In order: the kernel's hybrid split (Intel P- and E-cores), ``cpu_capacity``, the maximum clock, then the
+    Arm part numbers in ``hardware_data.toml``; the first that every CPU has decides.
+    """
+    kinds = {c.kind for c in cpus}
+    if "performance" in kinds and "efficiency" in kinds:
+        return {c.index for c in cpus if c.kind == "performance"}, ("performance", "efficiency")
+    for key in ("capacity", "max_khz", "rank"):
         values = [getattr(c, key) for c in cpus]
         if values and all(v is not None for v in values):
             top = max(values)
             # Cores within 5% of the top count as big (kernels report 1024 vs 1018 on some boards).
-            return {c.index for c in cpus if getattr(c, key) >= top * 0.95}
-    return {c.index for c in cpus}
+            return {c.index for c in cpus if getattr(c, key) >= top * 0.95}, ("big", "little")
+    return {c.index for c in cpus}, ("big", "little")
+
+
+@functools.cache
+def hardware_data() -> dict[str, Any]:
+    """``hardware_data.toml``: Arm core parts and single-SoC Jetson releases."""
+    return tomllib.loads(resources.files(__package__).joinpath("hardware_data.toml").read_text())
 
 
 def _read(root: Path, rel: str) -> str | None:
@@ -159,14 +191,18 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
 
 
 def _cpuinfo_blocks(text: str) -> tuple[list[dict[str, str]], dict[str, str]]:
-    """Split ``/proc/cpuinfo`` into per-processor blocks and the trailing board block (ARM)."""
+    """Split ``/proc/cpuinfo`` into per-processor blocks and the rest (ARM's board lines, shared features).
+
+    Older 32-bit ARM kernels print ``Processor : ARMv7 Processor rev 4 (v7l)`` (the model, not a number) and may
+    put ``Features`` and ``CPU part`` once, after the numbered blocks; both are kept in the rest.
+    """
     blocks: list[dict[str, str]] = []
     board: dict[str, str] = {}
     current: dict[str, str] = {}
     for raw in [*text.splitlines(), ""]:
         line = raw.strip()
         if not line:
-            if "processor" in current:
+            if current.get("processor", "").isdigit():
                 blocks.append(current)
             else:
                 board.update(current)
@@ -174,7 +210,12 @@ def _cpuinfo_blocks(text: str) -> tuple[list[dict[str, str]], dict[str, str]]:
             continue
         if ":" in line:
             key, _, value = line.partition(":")
-            current[key.strip().lower()] = value.strip()
+            key, value = key.strip().lower(), value.strip()
+            if key == "processor" and not value.isdigit():
+                if value and not value[0].isdigit():  # "Processor : ARMv7 ..." is the model name
+                    board.setdefault("model name", value)
+                continue
+            current[key] = value
     return blocks, board
 
 
@@ -226,11 +267,11 @@ def _meminfo(root: Path) -> tuple[int, int]:
     return total, values.get("MemAvailable", values.get("MemFree", total))
 
 
-def _arch(root: Path, blocks: list[dict[str, str]]) -> str:
+def _arch(root: Path, blocks: list[dict[str, str]], rest: dict[str, str]) -> str:
     text = _read(root, "proc/sys/kernel/arch")
     if text:
         return text.strip()
-    first = blocks[0] if blocks else {}
+    first = {**rest, **(blocks[0] if blocks else {})}
     if "vendor_id" in first or "flags" in first:
         return "x86_64" if " lm " in f" {first.get('flags', '')} " else "i686"
     arch = first.get("cpu architecture", "")
@@ -254,6 +295,44 @@ def _thermal(root: Path) -> tuple[Thermal, ...]:
     return tuple(out)
 
 
+def _soc(compatible: tuple[str, ...], jetson: str) -> str:
+    if compatible:
+        return compatible[-1].split(",")[-1]
+    release = re.match(r"#\s*(R\d+)", jetson)
+    if release:
+        return str(hardware_data().get("jetson_releases", {}).get(release.group(1), ""))
+    return ""
+
+
+def _cpu_count(blocks: list[dict[str, str]], rest: dict[str, str], root: Path) -> list[int]:
+    """CPU numbers: the numbered cpuinfo blocks, unless sysfs or the blocks' own counts say there are more."""
+    listed = [int(b["processor"]) for b in blocks]
+    for rel in ("sys/devices/system/cpu/present", "sys/devices/system/cpu/online"):
+        known = list(parse_cpu_list(_read(root, rel) or ""))
+        if len(known) > len(listed):
+            listed = known
+    siblings = (blocks[0] if blocks else rest).get("siblings", "")
+    if siblings.isdigit() and int(siblings) > len(listed) and len(blocks) <= 1:
+        listed = list(range(int(siblings)))
+    return listed or [0]
+
+
+def _hybrid_by_smt(cpus: list[Cpu], cpu_vendor: str) -> list[Cpu]:
+    """Intel P- and E-cores told apart by SMT where the kernel does not split them (before Linux 5.13).
+
+    On Intel hybrid chips only the performance cores have two threads; a chip whose cores are alike has SMT on
+    all of them or none. So on Intel, cores with two threads beside cores with one are the performance cores.
+    """
+    if cpu_vendor != "GenuineIntel" or any(c.kind for c in cpus):
+        return cpus
+    threads: dict[tuple[int, int], int] = {}
+    for c in cpus:
+        threads[c.core] = threads.get(c.core, 0) + 1
+    if len(set(threads.values())) < 2 or max(threads.values()) < 2:
+        return cpus
+    return [replace(c, kind="performance" if threads[c.core] > 1 else "efficiency") for c in cpus]
+
+
 def _cuda(root: Path, compatible: tuple[str, ...], board: str, jetson: str) -> tuple[bool, str]:
     if jetson:
         return True, "Jetson Linux release file etc/nv_tegra_release"
@@ -272,7 +351,7 @@ def _cuda(root: Path, compatible: tuple[str, ...], board: str, jetson: str) -> t
 def detect(root: Path = Path("/")) -> HardwareInfo:
     """Read the hardware of the machine whose root directory is ``root``."""
     blocks, board_block = _cpuinfo_blocks(_read(root, "proc/cpuinfo") or "")
-    arch = _arch(root, blocks)
+    arch = _arch(root, blocks, board_block)
     board = (_read(root, "proc/device-tree/model") or "").replace("\x00", "").strip()
     if not board:
         board = board_block.get("model", "")
@@ -280,27 +359,38 @@ def detect(root: Path = Path("/")) -> HardwareInfo:
         board = (_read(root, "sys/class/dmi/id/product_name") or "").strip()
     compatible = tuple(s for s in (_read(root, "proc/device-tree/compatible") or "").split("\x00") if s)
 
-    flags: set[str] = set()
+    flags: set[str] = set((board_block.get("flags") or board_block.get("features") or "").split())
     cpus: list[Cpu] = []
-    present = parse_cpu_list(_read(root, "sys/devices/system/cpu/present") or "")
-    indices = [int(b["processor"]) for b in blocks if b.get("processor", "").isdigit()] or list(present) or [0]
+    indices = _cpu_count(blocks, board_block, root)
+    performance = set(parse_cpu_list(_read(root, "sys/devices/cpu_core/cpus") or ""))
+    efficiency = set(parse_cpu_list(_read(root, "sys/devices/cpu_atom/cpus") or ""))
+    parts = hardware_data().get("parts", {})
+    by_number = {int(b["processor"]): b for b in blocks}
     for pos, idx in enumerate(indices):
-        b = blocks[pos] if pos < len(blocks) else {}
+        # A CPU without a block of its own (a partial cpuinfo) is taken to be like the nearest one listed.
+        own = by_number.get(idx, {})
+        b = {**board_block, **(own or (blocks[min(pos, len(blocks) - 1)] if blocks else {}))}
         flags.update((b.get("flags") or b.get("features") or "").split())
         sysdir = f"sys/devices/system/cpu/cpu{idx}"
         package = _read_int(root, f"{sysdir}/topology/physical_package_id")
         core = _read_int(root, f"{sysdir}/topology/core_id")
         if package is None:
             package = int(b.get("physical id", "0") or 0)
-        if core is None:
-            core = int(b["core id"]) if b.get("core id", "").isdigit() else idx
+        if core is None:  # only a CPU's own block says which core it is on
+            core = int(own["core id"]) if own.get("core id", "").isdigit() else idx
+        known = parts.get(f"{b.get('cpu implementer', '')}:{b.get('cpu part', '')}".lower(), {})
         cpus.append(Cpu(
             index=idx,
             core=(package, core),
             capacity=_read_int(root, f"{sysdir}/cpu_capacity"),
             max_khz=_read_int(root, f"{sysdir}/cpufreq/cpuinfo_max_freq"),
             part=b.get("cpu part") or b.get("model name", ""),
+            kind="performance" if idx in performance else "efficiency" if idx in efficiency else "",
+            rank=known.get("rank"),
+            core_name=known.get("name", ""),
         ))
+    vendor = next((b["vendor_id"] for b in [*blocks, board_block] if "vendor_id" in b), "")
+    cpus = _hybrid_by_smt(cpus, vendor)
     known = set(ARM_FEATURES) | set(X86_FEATURES)
     features = frozenset(f for f in flags if f in known)
 
@@ -313,7 +403,7 @@ def detect(root: Path = Path("/")) -> HardwareInfo:
     jetson = (_read(root, "etc/nv_tegra_release") or "").splitlines()[0:1]
     jetson_line = jetson[0].strip() if jetson else ""
     cuda, cuda_reason = _cuda(root, compatible, board, jetson_line)
-    cpu_model = next((b["model name"] for b in blocks if "model name" in b), "")
+    cpu_model = next((b["model name"] for b in [*blocks, board_block] if "model name" in b), "")
     return HardwareInfo(
         arch=arch,
         board=board,
@@ -330,4 +420,5 @@ def detect(root: Path = Path("/")) -> HardwareInfo:
         cuda=cuda,
         cuda_reason=cuda_reason,
         thermal=_thermal(root),
+        soc=_soc(compatible, jetson_line),
     )

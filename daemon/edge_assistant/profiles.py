@@ -42,6 +42,8 @@ class MatchRule:
     """Whether a CUDA device must be present (true) or absent (false)."""
     jetson_release: tuple[str, ...] = ()
     """Substrings of the Jetson Linux release line (e.g. ``R32`` for the original Nano); any one matches."""
+    soc: tuple[str, ...] = ()
+    """Systems-on-chip (e.g. ``tegra234``: every Jetson Orin), from the device tree or the Jetson release."""
 
     def failures(self, hw: HardwareInfo) -> list[str]:
         """The conditions that do not hold for ``hw`` (empty when the rule matches)."""
@@ -62,6 +64,8 @@ class MatchRule:
             out.append(f"cuda is {hw.cuda}, rule wants {self.cuda}")
         if self.jetson_release and not any(r in hw.jetson for r in self.jetson_release):
             out.append(f"Jetson release {hw.jetson!r} matches none of {list(self.jetson_release)}")
+        if self.soc and hw.soc not in self.soc:
+            out.append(f"SoC {hw.soc or 'unknown'!r} is none of {list(self.soc)}")
         return out
 
 
@@ -79,6 +83,8 @@ class ProfileSettings:
     """Further CPUs left free while voice (recognition, synthesis) runs."""
     max_threads: int = 8
     """Upper bound on generation threads (memory bandwidth saturates well before many cores)."""
+    max_threads_offloaded: int | None = None
+    """The bound instead while every layer runs on the GPU (the CPU then only feeds it); None: ``max_threads``."""
     batch_threads: Literal["same", "usable"] = "same"
     """Prompt-processing threads: the same as generation, or every usable CPU of the policy."""
     n_ctx: int = 2048
@@ -102,6 +108,8 @@ class ProfileSettings:
         for name in ("reserve_cpus", "voice_reserve_cpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be 0 or more")
+        if self.max_threads_offloaded is not None and self.max_threads_offloaded < 1:
+            raise ValueError("max_threads_offloaded: must be 1 or more")
         for name in ("max_threads", "n_ctx", "n_batch", "n_ubatch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be 1 or more")
@@ -144,6 +152,7 @@ class ProfileOverrides:
     reserve_cpus: int | None = None
     voice_reserve_cpus: int | None = None
     max_threads: int | None = None
+    max_threads_offloaded: int | None = None
     batch_threads: Literal["same", "usable"] | None = None
     n_threads: int | None = None
     """A fixed generation thread count, bypassing the thread policy."""
@@ -227,25 +236,32 @@ def match(hw: HardwareInfo, profiles: Iterable[Profile], forced: str = "") -> tu
     raise ConfigError("no hardware profile matches this machine and none is a catch-all: " + "; ".join(skipped))
 
 
-def _threads(policy: ThreadPolicy, hw: HardwareInfo) -> tuple[int, str]:
+def _threads(policy: ThreadPolicy, hw: HardwareInfo) -> tuple[int, str, int]:
+    """CPUs the policy gives, a sentence saying how, and how many usable cores of a slower class it leaves out."""
     allowed = set(hw.affinity)
-    if policy == "big":
-        cpus = [i for i in hw.big_cpus if i in allowed] or sorted(allowed)
-        what = f"{len(cpus)} big cores" if hw.heterogeneous else f"{len(cpus)} CPUs (cores are alike)"
-    elif policy == "physical":
-        cores = {c.core for c in hw.cpus if c.index in allowed}
-        cpus = list(range(len(cores)))
-        what = f"{len(cores)} physical cores"
+    usable = [c for c in hw.cpus if c.index in allowed] or list(hw.cpus)
+    fast, slow = hw.core_names
+    big = set(hw.big_cpus)
+    left = 0
+    if policy == "all":
+        chosen = usable
+        what = f"{len(chosen)} CPUs"
     else:
-        cpus = sorted(allowed)
-        what = f"{len(cpus)} CPUs"
-    n = len(cpus)
+        chosen = [c for c in usable if c.index in big] or usable
+        left = len({c.core for c in usable if c not in chosen})
+        if policy == "big":
+            what = f"{len(chosen)} {fast} cores" if hw.heterogeneous else f"{len(chosen)} CPUs (cores are alike)"
+        else:
+            what = f"{len({c.core for c in chosen})} {fast + ' ' if hw.heterogeneous else ''}physical cores"
+        if left:
+            what += f" ({left} {slow} cores left out)"
+    n = len({c.core for c in chosen}) if policy == "physical" else len(chosen)
     if len(allowed) < len(hw.cpus):
         what += f" within the affinity mask {sorted(allowed)}"
     if hw.cpu_quota is not None and hw.usable_cpus < n:
         n = hw.usable_cpus
         what += f", capped to {n} by the cgroup quota of {hw.cpu_quota:g} CPUs"
-    return max(1, n), what
+    return max(1, n), what, left
 
 
 def threads_under_load(planned: int, usable_cpus: int, others_busy: float) -> int:
@@ -271,22 +287,34 @@ def resolve(profile: Profile, hw: HardwareInfo, overrides: ProfileOverrides | No
            (f.name for f in fields(ProfileSettings))}
     reasons: dict[str, str] = {"profile": f"{profile.name}: {profile.description} ({why_profile or 'matched'})"}
 
-    base, what = _threads(s.threads, hw)
-    reserve = s.reserve_cpus if base > 2 else 0
-    reserve_why = f"{reserve} kept for MQTT and housekeeping" if reserve else "no reserve with 2 or fewer CPUs"
-    if voice and s.voice_reserve_cpus:
-        reserve += s.voice_reserve_cpus
-        reserve_why += f", {s.voice_reserve_cpus} more for voice"
-    n_threads = max(1, min(base - reserve, s.max_threads))
+    base, what, left = _threads(s.threads, hw)
+    wanted = s.reserve_cpus + (s.voice_reserve_cpus if voice else 0)
+    spare = min(left, max(0, hw.usable_cpus - base))  # slower cores left out, and free under the quota
+    reserve = max(0, wanted - spare) if base > 2 else 0
+    if base <= 2:
+        reserve_why = "no reserve with 2 or fewer CPUs"
+    elif wanted and spare:
+        served = "MQTT, housekeeping and voice" if voice else "MQTT and housekeeping"
+        left_why = f"the {spare} {hw.core_names[1]} cores left out serve {served}"
+        reserve_why = f"{reserve} kept free beside {left_why}" if reserve else f"none kept free: {left_why}"
+    else:
+        reserve_why = f"{s.reserve_cpus} kept for MQTT and housekeeping" if s.reserve_cpus else "no reserve"
+        if voice and s.voice_reserve_cpus:
+            reserve_why += f", {s.voice_reserve_cpus} more for voice"
+    n_gpu = s.n_gpu_layers if (s.n_gpu_layers == 0 or hw.cuda) else 0
+    cap, cap_src = s.max_threads, src["max_threads"]
+    if n_gpu == -1 and s.max_threads_offloaded is not None:
+        cap, cap_src = s.max_threads_offloaded, f"{src['max_threads_offloaded']}, every layer on the GPU"
+    n_threads = max(1, min(base - reserve, cap))
     reasons["n_threads"] = (f"{n_threads}: policy '{s.threads}' ({src['threads']}) gives {what}; {reserve_why}; "
-                            f"at most {s.max_threads} ({src['max_threads']})")
+                            f"at most {cap} ({cap_src})")
     reasons["n_threads"] += "; fewer while other processes keep these CPUs busy"
     if ov.n_threads is not None:
         n_threads = ov.n_threads
         reasons["n_threads"] = (f"{n_threads}, whatever else runs: config override "
                                 f"(policy would give {reasons['n_threads']})")
     if s.batch_threads == "usable":
-        n_batch_threads = max(n_threads, min(base, s.max_threads))
+        n_batch_threads = max(n_threads, min(base, cap))
         reasons["n_threads_batch"] = f"{n_batch_threads}: every CPU of the policy (prompt processing is short)"
     else:
         n_batch_threads = n_threads
@@ -295,10 +323,9 @@ def resolve(profile: Profile, hw: HardwareInfo, overrides: ProfileOverrides | No
         n_batch_threads = ov.n_threads_batch
         reasons["n_threads_batch"] = f"{n_batch_threads}: config override"
 
-    n_gpu = s.n_gpu_layers
-    if n_gpu != 0 and not hw.cuda:
-        reasons["n_gpu_layers"] = f"0: {src['n_gpu_layers']} asks {n_gpu}, but no CUDA device ({hw.cuda_reason})"
-        n_gpu = 0
+    if s.n_gpu_layers != 0 and not hw.cuda:
+        reasons["n_gpu_layers"] = (f"0: {src['n_gpu_layers']} asks {s.n_gpu_layers}, but no CUDA device "
+                                   f"({hw.cuda_reason})")
     else:
         gpu_what = "all layers" if n_gpu == -1 else f"{n_gpu} layers"
         reasons["n_gpu_layers"] = f"{n_gpu}: {gpu_what} on the GPU ({src['n_gpu_layers']}; {hw.cuda_reason})"
