@@ -17,6 +17,7 @@ from edge_assistant.scheduler import Scheduler
 from conftest import ROOT
 
 Q = "Spindle 3 shows alarm 1012, coolant pressure low. What should I check first?"
+LONG = "Describe, step by step and in detail, the weekly maintenance of a CNC lathe and its coolant system."
 
 
 def test_same_request_same_bytes_whatever_was_asked_before(scheduler: Scheduler) -> None:
@@ -88,8 +89,15 @@ def test_temperature_and_length_are_clamped(scheduler: Scheduler) -> None:
 
 
 def test_streaming_pieces_make_the_answer(scheduler: Scheduler) -> None:
+    # The factory persona checks its answers sentence by sentence: it streams whole sentences.
     pieces: list[str] = []
     reply = scheduler.ask(Request(text=Q, max_tokens=40), on_text=pieces.append)
+    assert len(pieces) >= 2 and all(p.rstrip()[-1] in ".!?" for p in pieces[:-1])
+    assert "".join(pieces).strip() == reply.text
+    # A persona without that check streams token by token.
+    pieces = []
+    reply = scheduler.ask(Request(text="Das Kühlmittel ist fast leer.", persona="translator", max_tokens=40),
+                          on_text=pieces.append)
     assert len(pieces) > 5
     assert "".join(pieces).strip() == reply.text
 
@@ -102,9 +110,20 @@ def test_cancel_between_tokens(scheduler: Scheduler) -> None:
         if len(pieces) == 3:
             scheduler.cancel("cancel-me")
 
-    reply = scheduler.ask(Request(text=Q, max_tokens=100), on_text=on_text, key="cancel-me")
+    # The translator streams token by token: the cancel lands between two tokens.
+    reply = scheduler.ask(Request(text=Q, persona="translator", max_tokens=100), on_text=on_text, key="cancel-me")
     assert reply.status == "error" and reply.error is not None and reply.error.code == "cancelled"
     assert reply.usage is not None and reply.usage.completion_tokens == 3
+    # The factory persona streams sentences: a cancel after the first ends the answer before the next one.
+    pieces.clear()
+
+    def after_first(piece: str) -> None:
+        pieces.append(piece)
+        scheduler.cancel("cancel-factory")
+
+    reply = scheduler.ask(Request(text=LONG, max_tokens=200), on_text=after_first, key="cancel-factory")
+    assert reply.status == "error" and reply.error is not None and reply.error.code == "cancelled"
+    assert len(pieces) == 1 and reply.usage is not None and reply.usage.completion_tokens < 200
 
 
 def test_request_faults_are_replies(scheduler: Scheduler) -> None:

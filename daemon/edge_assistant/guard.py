@@ -7,9 +7,12 @@ compares the request with the persona's on-topic and off-topic examples, nearest
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -24,15 +27,25 @@ Strictness = Literal["off", "low", "medium", "high"]
 # Relevance margins (nearest on-topic minus nearest off-topic similarity) per strictness, chosen from the
 # figures printed by scripts/eval_guard (see README, "Staying on topic").
 THRESHOLDS: dict[str, float] = {"low": -0.01, "medium": 0.0, "high": 0.015}
+# How far on the domain's side the margin of a joined task must be when it names nothing of the domain.
+PART_MARGIN = 0.03
+# The same for one sentence of an answer (answers are statements, the examples are requests: a lower bar).
+ANSWER_THRESHOLDS: dict[str, float] = {"low": -0.04, "medium": -0.02, "high": -0.01}
 
 # Chat-template and role markers: in user text they are an attempt to open a new turn.
 ROLE_MARKERS = re.compile(
     r"<\|[a-z_]{2,20}\|>|</?s>|\[/?INST\]|<<\s*/?SYS\s*>>|^\s*#{2,}\s*(instruction|system|response)\b|"
-    r"^\s*(system|assistant)\s*:", re.IGNORECASE | re.MULTILINE)
+    r"^\s*(system|assistant)\s*:|(?:^|[.!?]\s+)(system|admin|developer|root)\s*:|"
+    r"\[\s*(system|admin|developer|root)\b[^\]]{0,30}\]|\|{2,}\s*system", re.IGNORECASE | re.MULTILINE)
 
 INJECTION_MARKERS = re.compile("|".join([
     r"\b(ignore|disregard|forget|override|bypass|skip)\b[^.?!\n]{0,40}\b(instructions?|rules?|directions?|"
-    r"guidelines?|prompts?|polic(y|ies)|restrictions?|filters?|above|before|everything|previous|prior)\b",
+    r"guidelines?|prompts?|polic(y|ies)|restrictions?|filters?|above|before|everything|previous|prior|protocols?|"
+    r"safety|programming|guardrails?|constraints?|ethics|directives?|commands)\b",
+    r"\boverrides?\b[^.?!\n]{0,30}\b(previous|prior|earlier|all|above|security|safety)\b",
+    r"\b(drop|truncate)\s+table\b|\brm\s+-rf\b|<script\b|/etc/(passwd|shadow)\b",
+    r"\b(reveal|tell|give|show|list|leak|print)\b[^.?!\n]{0,25}\b(passwords?|secrets?|api\s+keys?|credentials|"
+    r"access\s+keys?)\b",
     r"\b(system|initial|hidden|original)\s+(prompt|message|instructions?|configuration)\b",
     r"\byou\s+are\s+(now|no\s+longer)\b",
     r"\b(act|behave|roleplay|role-play)\s+as\b",
@@ -50,6 +63,148 @@ INJECTION_MARKERS = re.compile("|".join([
     r"\bwrite\s+the\s+word\b[^.?!\n]{0,20}\band\s+nothing\s+else\b",
     r"\b(reply|respond|answer)\s+(only\s+)?with\s+(your|the)\s+(system|initial)\b",
 ]), re.IGNORECASE)
+
+
+# Requests for the hidden instructions in words other than "system prompt": what came before, between tags, word
+# for word, what the assistant was told or configured with.
+EXTRACTION_MARKERS = re.compile("|".join([
+    r"\b(word\s+for\s+word|verbatim)\b",
+    r"\b(between|inside|within|in)\s+the\s+<?/?[\w_-]*>?\s*tags?\b",
+    r"\b(text|everything|words?|content)\s+(above|before|preceding)\s+(this|my|the|our)\b",
+    r"\b(precedes?|preceding|came\s+before|before)\s+(my\s+first\s+message|the\s+conversation|this\s+(chat|"
+    r"conversation))\b",
+    r"\b(hidden|internal|confidential|initial|original|secret)\s+(text|instructions?|rules|directives?|prompt|setup|"
+    r"log|configuration|policy|persona)\b",
+    r"\byou\s+(were|have\s+been|are)\s+(told|given|configured|instructed|programmed|set\s+up)\b",
+    r"\b(beginning|start)\s+of\s+(our|this|the)\s+(conversation|chat|session)\b",
+    r"\b(your|the)\s+(rules|instructions|directives|guidelines|configuration|persona|identity|initiali[sz]ation)\b"
+    r"[^.?!\n]{0,40}\b(exact|exactly|wording|quote|list|summari[sz]e|show|print|output|display|repeat|dump|log)\b",
+    r"\b(exact|exactly|wording|quote|list|summari[sz]e|show|print|output|display|repeat|dump|log)\b[^.?!\n]{0,40}"
+    r"\b(your|the)\s+(rules|instructions|directives|guidelines|configuration|persona|identity|initiali[sz]ation)\b",
+    r"\bsafety\s+polic(y|ies)\b|\bpolicy\s+string\b",
+]), re.IGNORECASE)
+
+# An off-topic request dressed as on topic, or a translation that is to be obeyed.
+DRESSED_MARKERS = re.compile("|".join([
+    r"\b(pretend|imagine|assume|treat|consider|regard)\b[^.?!\n]{0,30}\b(this|that|it|the\s+following)\b"
+    r"[^.?!\n]{0,12}\b(is|as|was)\b[^.?!\n]{0,30}\b(question|request|topic|task)\b",
+    r"\b(translate|decode|decipher|decrypt|convert|interpret)\b[^.?!\n]{0,60}\b(and|then)\s+(follow|obey|execute|do|"
+    r"run|carry\s+out|act\s+on)\b",
+    r"\b(decode|decipher|decrypt|convert)\b[^.?!\n]{0,40}\b(follow|obey|execute|do\s+what)\b",
+    r"\b(follow|obey|execute)\b[^.?!\n]{0,20}\b(it|this|them)\b[^.?!\n]{0,30}\b(decod\w*|translat\w*|rot-?13|"
+    r"base64|hex)\b",
+    r"\bdo\s+what\s+it\s+says\b|\b(rot-?13|base-?64)\b[^.?!\n]{0,30}\b(decode|obey|follow|execute)\b",
+    # the same in German, French, Spanish, Italian, Portuguese
+    r"\b(übersetze|traduis|traduce|traduci|traduza)\b[^.?!\n]{0,40}\b(befolge|folge|exécute|suis|sigue|ejecuta|"
+    r"segui|esegui|siga|execute)\b",
+    r"\b(ignoriere|ignorier|vergiss|ignora|ignorez|oublie|olvida|dimentica|esqueça)\b[^.?!\n]{0,40}\b(regeln|"
+    r"anweisungen|instructions|règles|instrucciones|reglas|istruzioni|regole|instruções|regras)\b",
+]), re.IGNORECASE)
+
+# Words that join a second task to the first: each part is judged on its own.
+TASK_JOINS = re.compile(
+    r"(?:[,.;!?]?\s+)(?:and\s+then|and\s+also|then|after\s+that|afterwards|also|additionally|plus|p\.\s?s\.)"
+    r"[,:]?\s+|\s*;\s+", re.IGNORECASE)
+# A short label before a colon ("Machine alarm 77: ...", "Answer in JSON: ...") and what follows it.
+LABELLED = re.compile(r"^\s*([^:\n]{2,40}):\s+(.+)$", re.DOTALL)
+# Content smuggled in an answer format: inside braces, or after "as a table/JSON/YAML".
+FORMAT_PAYLOAD = re.compile(r"\{([^{}]{8,})\}|\b(?:json|yaml|xml|csv|table|list)\b[^.?!\n]{0,20}?"
+                            r"(?:with|of|about|for|=|:)\s+(.{8,})", re.IGNORECASE)
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+ENGLISH = _words("the a an is are was were be to of and in on for with what how why when where which who do does "
+                    "did can should i my it this that please")
+OTHER_LANGUAGES: dict[str, frozenset[str]] = {
+    "de": _words("der die das und ist nicht ich wie was wird ein eine mit für auf den dem des zu sie es bitte "
+                    "morgen wo warum"),
+    "fr": _words("le la les et est une un des du pour pas je que qui dans sur avec vous il elle ce cette "
+                    "comment où"),
+    "es": _words("el la los las y es una un de del que en por para con no yo como qué dónde cuéntame esta "
+                    "este"),
+    "it": _words("il lo la gli le e è una uno di del che per con non sono come dove questo questa"),
+    "pt": _words("o a os as e é um uma de do da que em para com não eu como onde este esta"),
+    "nl": _words("de het een en is van dat niet ik hoe wat waar met voor op zijn"),
+}
+
+
+def language_of(text: str) -> str:
+    """A rough guess: ``en``, one of ``OTHER_LANGUAGES``, ``other`` (another script) or ``""`` (cannot tell)."""
+    letters = [ch for ch in text if ch.isalpha()]
+    if not letters:
+        return ""
+    latin = sum(1 for ch in letters if "LATIN" in unicodedata.name(ch, ""))
+    if latin < 0.6 * len(letters):
+        return "other"
+    words = re.findall(r"[^\W\d_]+", text.lower())
+    if len(words) < 3:
+        return ""
+    scores = {"en": sum(w in ENGLISH for w in words)}
+    scores |= {lang: sum(w in stop for w in words) for lang, stop in OTHER_LANGUAGES.items()}
+    best = max(scores, key=lambda k: scores[k])
+    if scores[best] < 2 or (best != "en" and scores[best] <= scores["en"]):
+        return "en" if scores["en"] >= 1 else ""
+    return best
+
+
+def encoded_payload(text: str) -> str:
+    """What kind of encoded or disguised text ``text`` carries (``""`` for none): payloads a model may decode."""
+    for m in re.finditer(r"[A-Za-z0-9+/]{16,}={0,2}", text):
+        token = m.group(0)
+        try:
+            raw = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        if len(raw) >= 8 and sum(32 <= b < 127 for b in raw) >= 0.95 * len(raw) and re.search(rb"[A-Za-z]{2,} [A-Za-z]",
+                                                                                              raw):
+            return "base64"
+    if len(re.findall(r"\\x[0-9a-fA-F]{2}", text)) >= 4:
+        return "hex escapes"
+    if len(re.findall(r"\\u\{?[0-9a-fA-F]{4}\}?", text)) >= 4:
+        return "unicode escapes"
+    if re.search(r"\+AD[A-Za-z0-9]{1,6}-", text):
+        return "UTF-7"
+    hexbytes = re.findall(r"(?:\b[0-9a-fA-F]{2}\b\s*){8,}", text)
+    if any(re.search(r"[a-fA-F]", h) for h in hexbytes):
+        return "hex bytes"
+    for word in re.findall(r"[^\W\d_]{3,}", text):
+        scripts = {_script(ch) for ch in word}
+        if len(scripts) > 1 and "LATIN" in scripts:
+            return "mixed-script letters"
+    return ""
+
+
+def _script(ch: str) -> str:
+    name = unicodedata.name(ch, "")
+    if "MODIFIER LETTER" in name or "SUBSCRIPT" in name or "SUPERSCRIPT" in name or unicodedata.category(ch) == "So":
+        return "DISGUISE"
+    if name.startswith(("LATIN", "CYRILLIC", "GREEK", "ARMENIAN")):
+        return name.split()[0]
+    if name.startswith(("SCRIPT ", "BLACK-LETTER", "DOUBLE-STRUCK", "ESTIMATED")):
+        return "DISGUISE"
+    return "OTHER"
+
+
+def split_request(text: str) -> list[str]:
+    """The pieces a request joins together: split at words that add a task, after a short label and its colon,
+    and around a payload in an answer format. One piece when nothing is joined."""
+    out: list[str] = []
+    for part in (p for p in TASK_JOINS.split(text) if p):
+        m = LABELLED.match(part)
+        if m and len(m.group(1).split()) <= 6:
+            out += [m.group(1), m.group(2)]
+        else:
+            out.append(part)
+    for m in FORMAT_PAYLOAD.finditer(text):
+        out.append(m.group(1) or m.group(2))
+    return [p for p in (" ".join(re.sub(r"[{}\"'`]", " ", x).split()) for x in out) if p]
+
+
+def request_parts(text: str) -> list[str]:
+    """The pieces of ``split_request`` that carry a task of their own (three words or more)."""
+    return [p for p in split_request(text) if len(p.split()) >= 3]
 
 
 @dataclass(frozen=True)
@@ -76,6 +231,15 @@ class GuardConfig:
     relevance: Literal["embedding", "yesno", "none"] = "embedding"
     """The relevance layer: nearest examples by llama.cpp embeddings, a yes/no question to the loaded model
     constrained by a grammar, or none (see the measured figures in the README)."""
+    vocabulary: tuple[str, ...] = ()
+    """Everyday words of the domain (``machine``, ``part``, ``shift``): not enough to put a request on topic, but
+    enough for a task joined to an on-topic one (the embeddings of a small model are too weak to judge short parts
+    alone)."""
+    languages: tuple[str, ...] = ()
+    """Languages the persona serves (``en``, ``de``, ``fr``, ``es``, ``it``, ``pt``, ``nl``); a request plainly in
+    another is refused with the code ``language``. Empty: any."""
+    answer_check: bool = True
+    """Check each sentence of the answer against the domain as it streams (the relevance layer's embeddings)."""
 
     def __post_init__(self) -> None:
         for i, pattern in enumerate(self.blocked_subjects):
@@ -98,7 +262,8 @@ class Verdict:
     layer: str = ""
     """``input``, ``relevance`` or ``output``."""
     code: str = ""
-    """Reason code: ``injection``, ``role_markers``, ``blocked_subject``, ``off_topic``, ``prompt_leak``."""
+    """Reason code: ``injection``, ``role_markers``, ``prompt_extraction``, ``encoded``, ``language``,
+    ``blocked_subject``, ``off_topic``, ``compound``, ``off_topic_answer``, ``prompt_leak``."""
     detail: str = ""
     """What matched, for the log."""
     score: float | None = None
@@ -144,9 +309,20 @@ def check_input(text: str, cfg: GuardConfig) -> Verdict:
         m = ROLE_MARKERS.search(text)
         if m:
             return Verdict(False, "input", "role_markers", f"chat-template marker {m.group(0).strip()!r}")
-        m = INJECTION_MARKERS.search(text)
+        m = INJECTION_MARKERS.search(text) or DRESSED_MARKERS.search(text)
         if m:
             return Verdict(False, "input", "injection", f"injection phrase {m.group(0)!r}")
+        m = EXTRACTION_MARKERS.search(text)
+        if m:
+            return Verdict(False, "input", "prompt_extraction", f"asks for the instructions: {m.group(0)!r}")
+        kind = encoded_payload(text)
+        if kind:
+            return Verdict(False, "input", "encoded", f"carries {kind}")
+    if cfg.languages:
+        lang = language_of(text)
+        if lang and lang not in cfg.languages:
+            return Verdict(False, "input", "language", f"written in {lang}, the persona serves "
+                                                       f"{', '.join(cfg.languages)}")
     for pattern in cfg.blocked_subjects:
         m = re.search(pattern, text, re.IGNORECASE)
         if m:
@@ -156,8 +332,12 @@ def check_input(text: str, cfg: GuardConfig) -> Verdict:
 
 def keyword_hit(text: str, cfg: GuardConfig) -> str:
     """The first allowed subject found in ``text`` as a whole word, or ``""``."""
+    return _word_hit(text, cfg.allowed_subjects)
+
+
+def _word_hit(text: str, words: Sequence[str]) -> str:
     lowered = text.lower()
-    for word in cfg.allowed_subjects:
+    for word in words:
         if re.search(rf"(?<![\w-]){re.escape(word.lower())}(?![\w-])", lowered):
             return word
     return ""
@@ -198,10 +378,37 @@ class Relevance:
         off = np.sort(self._off @ v)[-k:].mean()
         return float(on - off)
 
-    def check(self, text: str) -> Verdict:
-        """Allow when an allowed subject is named or the margin clears the strictness threshold."""
+    def check(self, text: str, covered: bool = False) -> Verdict:
+        """Allow when an allowed subject is named or the margin clears the strictness threshold, and every task
+        the request joins to it does too. ``covered``: the plant's documents answer the request, so only the
+        joined tasks are judged."""
         if self.cfg.strictness == "off":
             return ALLOW
+        whole = ALLOW if covered else self._judge(text)
+        if not whole.allowed:
+            return whole
+        pieces = split_request(text)
+        if len(pieces) > 1 and self.active:
+            for part in (p for p in pieces if len(p.split()) >= 3):
+                verdict = self._judge_part(part)
+                if not verdict.allowed:
+                    return verdict
+        return whole
+
+    def _judge_part(self, part: str) -> Verdict:
+        """A task joined to others: on topic when it names a subject or a word of the domain, or its margin is
+        clearly on the domain's side."""
+        if keyword_hit(part, self.cfg) or _word_hit(part, self.cfg.vocabulary):
+            return ALLOW
+        if self.cfg.relevance == "embedding" and self._on is not None:
+            score = self.margin(part)
+            if score >= THRESHOLDS[self.cfg.strictness] + PART_MARGIN:
+                return ALLOW
+            return Verdict(False, "relevance", "compound", f"joined task {part[:60]!r} names nothing of the domain "
+                                                           f"(margin {score:.3f})", score)
+        return Verdict(False, "relevance", "compound", f"joined task {part[:60]!r} names nothing of the domain")
+
+    def _judge(self, text: str) -> Verdict:
         word = keyword_hit(text, self.cfg)
         if word:
             return Verdict(True, "relevance", "", f"allowed subject {word!r}")
@@ -217,6 +424,40 @@ class Relevance:
         if score < threshold:
             return Verdict(False, "relevance", "off_topic", f"margin {score:.3f} below {threshold:.3f}", score)
         return Verdict(True, "relevance", "", f"margin {score:.3f}", score)
+
+    @property
+    def checks_answers(self) -> bool:
+        """Whether answers are checked sentence by sentence (embeddings and ``answer_check`` on)."""
+        return self.cfg.strictness != "off" and self.cfg.answer_check and self._on is not None
+
+    def check_answer(self, sentence: str, context_words: frozenset[str] = frozenset()) -> Verdict:
+        """One sentence of an answer: on topic when it names an allowed subject, shares two words with the
+        passages it was answered from (``context_words``), or its margin clears ``ANSWER_THRESHOLDS``."""
+        if not self.checks_answers:
+            return ALLOW
+        if len(sentence.split()) < 4 or keyword_hit(sentence, self.cfg):
+            return ALLOW
+        if context_words and len(content_words(sentence) & context_words) >= 2:
+            return ALLOW
+        score = self.margin(sentence)
+        threshold = ANSWER_THRESHOLDS[self.cfg.strictness]
+        if score < threshold:
+            return Verdict(False, "output", "off_topic_answer", f"answer sentence {sentence[:60]!r}: margin "
+                                                                f"{score:.3f} below {threshold:.3f}", score)
+        return ALLOW
+
+
+def content_words(text: str) -> frozenset[str]:
+    """Lower-case words of four letters or more: what two texts must share to be about the same thing."""
+    return frozenset(w for w in re.findall(r"[^\W\d_]{4,}", text.lower()))
+
+
+def judge(text: str, cfg: GuardConfig, relevance: Relevance | None) -> Verdict:
+    """The request-side guard as the pipeline runs it when no document covers the request: rules, relevance."""
+    verdict = check_input(text, cfg)
+    if not verdict.allowed or relevance is None:
+        return verdict
+    return relevance.check(text)
 
 
 def check_output(answer: str, cfg: GuardConfig, system_prompt: str, window: int = 40) -> Verdict:

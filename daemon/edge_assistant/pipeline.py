@@ -8,6 +8,7 @@ persona's fixed text. Anything else raised here is a bug, and the scheduler turn
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 from .config import Config, PersonaConfig
 from .errors import RequestError, UnknownPersonaError
-from .guard import GuardConfig, Relevance, Verdict, check_input, check_output
+from .guard import GuardConfig, Relevance, Verdict, check_input, check_output, content_words
 from .knowledge import Retriever, answer_from_row, sources_of
 from .messages import ErrorInfo, Generation, Message, Passage, Reply, Request, Sampling, Usage, error_reply
 from .personas import build_messages
@@ -127,8 +128,9 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
             passages = rt.knowledge.retrieve(query, limit=persona.knowledge.passages, strict_ids=not request.quoted)
             retrieval_ms = round((time.monotonic() - t0) * 1000, 2)
         covered = bool(passages)  # the documents widen the domain: what they cover is on topic
-        if not covered and not request.quoted and persona_name in rt.relevance:
-            verdict = rt.relevance[persona_name].check(request.text)
+        relevance = rt.relevance.get(persona_name) if not request.quoted else None
+        if relevance is not None:  # a task joined to a covered one is still judged
+            verdict = relevance.check(request.text, covered=covered)
             if not verdict.allowed:
                 return _refuse(request, persona_name, persona.guard, verdict)
         if (persona.knowledge.enabled and rt.knowledge is not None and not covered
@@ -145,7 +147,8 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
             usage = Usage(0, 0, "stop", 0.0, 0.0, 0.0, False, retrieval_ms)
             return Reply(id=request.id, status="ok", text=text, persona=persona_name, usage=usage,
                          sources=sources_of([passage]), provenance=rt.provenance(sampling))
-        gen, refused = _generate(rt, persona, request, passages, sampling, on_text, cancel, deadline, progress)
+        gen, refused = _generate(rt, persona, request, passages, sampling, on_text, cancel, deadline, progress,
+                                 relevance)
     except RequestError as exc:
         log.info("request %s refused with %s: %s", request.id or "-", exc.code, exc.message,
                  extra={"REQUEST_ID": request.id, "PERSONA": persona_name, "ERROR_CODE": exc.code})
@@ -181,13 +184,38 @@ def _direct_answer(persona: PersonaConfig, passages: list[Passage]) -> tuple[str
 
 def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: list[Passage], sampling: Sampling,
               on_text: Callable[[str], None] | None, cancel: threading.Event | None, deadline: float | None,
-              progress: Callable[[], None] | None) -> tuple[Generation, Verdict | None]:
-    """Run the engine; the output check sees the answer so far before each piece is passed on."""
+              progress: Callable[[], None] | None, relevance: Relevance | None = None,
+              ) -> tuple[Generation, Verdict | None]:
+    """Run the engine; the output checks see the answer before any of it is passed on.
+
+    The rules (role markers, blocked subjects, the system prompt) run on every piece. Where the persona's relevance
+    layer checks answers, each sentence is held back until it is complete and judged on topic: an answer that
+    drifts off topic is stopped before its first off-topic sentence leaves.
+    """
     if deadline is None:
         deadline = time.monotonic() + rt.config.limits.request_timeout_s
     stop = threading.Event()
     seen: list[str] = []
     refused: list[Verdict] = []
+    checks_answers = relevance is not None and relevance.checks_answers
+    context = content_words(" ".join(p.text for p in passages)) if passages else frozenset()
+    held = [""]
+    released = [False]
+
+    def release(text: str) -> bool:
+        """Judge the sentences in ``text``, alone and together, and pass them on; False once one is refused."""
+        if relevance is not None and checks_answers:
+            sentences = [x.strip() for x in SENTENCE_END.split(text) if x.strip()]
+            for unit in [*sentences, " ".join(sentences)] if len(sentences) > 1 else sentences:
+                verdict = relevance.check_answer(unit, context)
+                if not verdict.allowed:
+                    refused.append(verdict)
+                    stop.set()
+                    return False
+        released[0] = True
+        if on_text is not None and text:
+            on_text(text)
+        return True
 
     def watch(piece: str) -> None:
         if progress is not None:
@@ -198,14 +226,32 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
             refused.append(out)
             stop.set()
             return
-        if on_text is not None:
+        if checks_answers:
+            held[0] += piece
+            ends = list(SENTENCE_END.finditer(held[0]))
+            # The first release waits for FIRST_WORDS words: one short line says too little about its topic.
+            if ends and (released[0] or len(held[0][:ends[-1].end()].split()) >= FIRST_WORDS):
+                cut = ends[-1].end()
+                ready, held[0] = held[0][:cut], held[0][cut:]
+                if not release(ready):
+                    return
+        elif on_text is not None:
             on_text(piece)
         if cancel is not None and cancel.is_set():
             stop.set()
 
     messages = build_messages(persona, request.text, passages)
     gen = rt.engine.generate(messages, sampling, watch, stop, deadline)
+    if not refused and held[0]:
+        release(held[0])
     return gen, (refused[0] if refused else None)
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+"""Where a held-back answer is cut into sentences to be judged."""
+FIRST_WORDS = 12
+"""Words an answer holds back before its first sentences are judged and streamed."""
+
 
 
 def _refuse(request: Request, persona: str, guard: GuardConfig, verdict: Verdict) -> Reply:
