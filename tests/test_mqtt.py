@@ -471,3 +471,27 @@ def test_tls_with_client_certificate(tmp_path: Path) -> None:
         d.stop()
         broker.terminate()
         broker.wait(10)
+
+
+def test_plc_alarm_explained_as_json(broker: Broker, tmp_path: Path, watcher: Client) -> None:
+    """The shipped example: a PLC route whose persona answers in JSON; the gateway gets an object it can route on."""
+    example = (Path(__file__).resolve().parents[1] / "examples" / "plc-json.toml").read_text()
+    cfg = write_config(tmp_path / "c.toml", broker, "plcj", example)
+    watcher.subscribe("plant/+/explanation")
+    with running(cfg, watcher, "plcj") as d:
+        gw = Client(broker, user="gw1")
+        gw.publish("plant/gw1/alarm", json.dumps({"tag": "SPINDLE2_COOLANT_PRESS", "value": 0.4, "unit": "bar",
+                                                  "alarm": "Coolant pressure low"}))
+        reply = watcher.wait_for("plant/gw1/explanation", timeout=120, process=d)[0].json()
+        assert reply["status"] == "ok", reply
+        data = reply["data"]
+        assert set(data) == {"severity", "cause", "action"} and data["severity"] in ("info", "warning", "critical")
+        assert json.loads(reply["text"]) == data and len(data["cause"]) <= 120 and len(data["action"]) <= 160
+        # Any client may ask that persona, or another persona with a schema, for JSON; one without a schema says so.
+        asked = rr(broker, "edge/plcj/request", json.dumps({"text": "Tool changer error 45 on machine 3",
+                                                             "persona": "alarm_json", "max_tokens": 200}))
+        assert asked["status"] == "ok" and isinstance(asked["data"], dict), asked
+        no_schema = rr(broker, "edge/plcj/request", json.dumps({"text": "What is a collet?", "format": "json"}))
+        assert no_schema["status"] == "error" and no_schema["error"]["code"] == "bad_request"
+        assert "no schema" in no_schema["error"]["message"]
+        gw.close()

@@ -7,6 +7,7 @@ table, so a user file states only what it changes. Every error names the key, e.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import string
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 from .guard import GuardConfig
 from .profiles import ProfileOverrides
+from .structured import Grammar, SchemaError, compile_schema
 from .tomlconf import build, digest, load_toml, merge
 
 DEFAULTS = Path(__file__).with_name("defaults.toml")
@@ -49,8 +51,12 @@ class SamplingPreset:
     """1.0 = off."""
     max_tokens: int = 200
     """Default answer length bound; requests may ask for less or more, up to ``limits.max_tokens_ceiling``."""
+    stop: tuple[str, ...] = ()
+    """Generation ends before any of these strings (the Modelfile's ``PARAMETER stop``); they are left out."""
 
     def __post_init__(self) -> None:
+        if len(self.stop) > 8 or any(not s for s in self.stop):
+            raise ValueError("stop: at most 8 strings, none empty")
         if self.temperature < 0:
             raise ValueError("temperature: must be 0 or more")
         if self.top_k < 0:
@@ -147,14 +153,41 @@ class PersonaConfig:
     """Topic restriction: what to answer and what to refuse."""
     knowledge: PersonaKnowledge = field(default_factory=PersonaKnowledge)
     """Whether and how it answers from the plant's documents."""
+    format: Literal["text", "json"] = "text"
+    """``json``: every reply is a JSON value that follows ``schema`` (decoding is constrained by a grammar)."""
+    schema: str | dict[str, Any] = ""
+    """The JSON Schema of a ``json`` reply: a path to a schema file, or an inline table (see ``structured``).
+    With a schema, a request may also ask ``"format": "json"`` of a ``text`` persona."""
 
     def __post_init__(self) -> None:
+        if self.format == "json" and not self.schema:
+            raise ValueError("schema: format = \"json\" needs a schema (a file or an inline table)")
+        if self.schema:
+            try:
+                self.grammar  # noqa: B018 - compiled now, so a bad schema fails at config load
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"schema: {exc}") from exc
         if not self.system_prompt.strip():
             raise ValueError("system_prompt: must not be empty")
         if not 1 <= self.seed < LLAMA_DEFAULT_SEED:
             raise ValueError(f"seed: {self.seed} is not usable (1..4294967294; 0 and 4294967295 mean random)")
         if self.max_input_chars < 1:
             raise ValueError("max_input_chars: must be 1 or more")
+
+    @cached_property
+    def grammar(self) -> Grammar | None:
+        """The compiled schema, or None without one (``OSError``/``SchemaError`` for a bad one)."""
+        if not self.schema:
+            return None
+        if isinstance(self.schema, str):
+            path = Path(self.schema).expanduser()
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise SchemaError(f"{path}: not JSON: {exc}") from exc
+        else:
+            data = self.schema
+        return compile_schema(data)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ class Engine:
         self._prefix_formatter = _formatter(llm, add_generation_prompt=False)
         self._prefix_tokens: dict[tuple[tuple[str, str], ...], list[int]] = {}
         self._eog = _eog_check(llm)
+        self._grammars: dict[str, Any] = {}
         import llama_cpp
 
         offload = bool(llama_cpp.llama_supports_gpu_offload()) and settings.n_gpu_layers != 0
@@ -130,6 +131,17 @@ class Engine:
             self._prefix_tokens[key] = head
         return head if 0 < len(head) < len(prompt) and prompt[: len(head)] == head else []
 
+    def _grammar(self, gbnf: str) -> Any:
+        """A ``LlamaGrammar`` for ``gbnf`` (parsed once per grammar text), or None for free text."""
+        if not gbnf:
+            return None
+        grammar = self._grammars.get(gbnf)
+        if grammar is None:
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            grammar = self._grammars[gbnf] = LlamaGrammar.from_string(gbnf, verbose=False)
+        return grammar
+
     def choose(self, messages: Sequence[Message], options: Sequence[str], seed: int = 1) -> str:
         """The option the model picks after ``messages``, decoding greedily under a GBNF grammar of the options."""
         from llama_cpp.llama_grammar import LlamaGrammar
@@ -164,11 +176,13 @@ class Engine:
                 llm.eval(prefix)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
+        stops = StopText(sampling.stop)
         count = 0
         finish: FinishReason = "length"
         first = 0.0
         gen = llm.generate(prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
-                           temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty, reset=True)
+                           temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty, reset=True,
+                           grammar=self._grammar(sampling.grammar))
         try:
             for token in gen:
                 if not first:
@@ -177,11 +191,14 @@ class Engine:
                     finish = "stop"
                     break
                 count += 1
-                piece = decoder.decode(llm.detokenize([token], special=False))
+                piece, stopped = stops.feed(decoder.decode(llm.detokenize([token], special=False)))
                 if piece:
                     pieces.append(piece)
                     if on_text is not None:
                         on_text(piece)
+                if stopped:
+                    finish = "stop"
+                    break
                 if count >= max_tokens:
                     break
                 if cancel is not None and cancel.is_set():
@@ -193,7 +210,7 @@ class Engine:
                 self._threads.update()
         finally:
             gen.close()
-        tail = decoder.decode(b"", final=True)
+        tail = "" if finish == "stop" and stops.stopped else stops.flush(decoder.decode(b"", final=True))
         if tail:
             pieces.append(tail)
             if on_text is not None:
@@ -208,6 +225,34 @@ class Engine:
             total_ms=(end - t0) * 1000,
             prefix_cached=cached,
         )
+
+
+class StopText:
+    """Cuts generated text before the first stop string, holding back a tail that may be one's beginning."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """The text that may leave now, and whether a stop string was reached."""
+        if not self.stops:
+            return piece, False
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held, self.stopped = "", True
+            return text[: min(hits)], True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self, tail: str) -> str:
+        """What is left at the end of generation."""
+        out, _ = self.feed(tail) if tail else ("", False)
+        out, self.held = out + self.held, ""
+        return out
 
 
 class LlamaEmbedder:

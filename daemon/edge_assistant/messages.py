@@ -39,6 +39,10 @@ class Sampling:
     """Upper bound on generated tokens."""
     seed: int
     """Seed set before the request."""
+    stop: tuple[str, ...] = ()
+    """Generation ends before any of these strings (left out of the answer)."""
+    grammar: str = ""
+    """A GBNF grammar that constrains decoding (a JSON reply's schema); empty: free text."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ class Request:
     lookup: tuple[str, ...] = ()
     """For a request the daemon assembled (``quoted``): the values to look up in the documents instead of its
     text (a PLC alarm's code, tag and alarm text)."""
+    format: Literal["", "text", "json"] = ""
+    """``json`` asks for a reply that follows the persona's schema; empty: the persona's own format."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,8 @@ class Reply:
     """Token counts and timings."""
     sources: tuple[SourceRef, ...] = ()
     """The document passages the answer came from."""
+    data: Any = None
+    """In ``json`` format: the answer parsed, valid against the persona's schema (``text`` holds it as JSON)."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Model hash, quantization, seed, sampling, config hash, backend, index digest: what made this answer."""
 

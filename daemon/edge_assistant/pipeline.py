@@ -7,6 +7,8 @@ persona's fixed text. Anything else raised here is a bug, and the scheduler turn
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import threading
@@ -22,6 +24,7 @@ from .knowledge import Retriever, answer_from_row, sources_of
 from .messages import ErrorInfo, Generation, Message, Passage, Reply, Request, Sampling, Usage, error_reply
 from .personas import build_messages
 from .sampling import policy
+from .structured import validate
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +92,11 @@ class Runtime:
             "profile": self.profile,
             "device": self.config.device,
             "seed": sampling.seed,
-            "sampling": asdict(sampling),
+            "sampling": {k: v for k, v in asdict(sampling).items() if k != "grammar"},
             "config_sha256": self.config.digest,
         }
+        if sampling.grammar:
+            out["grammar_sha256"] = hashlib.sha256(sampling.grammar.encode()).hexdigest()
         if self.knowledge is not None:
             out["knowledge_sha256"] = self.knowledge.digest
         return out
@@ -139,7 +144,15 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
         sampling, notes = policy(persona, config.limits, request.temperature, request.max_tokens)
         for note in notes:
             log.info("request %s: %s", request.id or "-", note)
-        direct = _direct_answer(persona, passages)
+        as_json = request.format == "json" or (not request.format and persona.format == "json")
+        if as_json:
+            if persona.grammar is None:
+                raise RequestError(f"persona {persona_name!r} has no schema: it cannot answer in JSON")
+            # The grammar ends the reply when the JSON is complete: room for its longest form is never wasted.
+            room = min(max(sampling.max_tokens, persona.grammar.max_chars), config.limits.max_tokens_ceiling)
+            sampling = replace(sampling, grammar=persona.grammar.gbnf, max_tokens=room)
+            relevance = None  # the schema bounds the reply; its sentences are not prose to judge
+        direct = None if as_json else _direct_answer(persona, passages)
         if direct is not None:
             text, passage = direct
             if on_text is not None:
@@ -164,6 +177,18 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
                   round(gen.total_ms, 1), round(gen.tokens_per_s, 2), gen.prefix_cached, retrieval_ms)
     sources = sources_of(passages)
     finish = gen.finish_reason
+    data = None
+    if as_json and finish not in ("cancelled", "timeout"):
+        data, problems = _parse_json(gen.text, persona)
+        if problems:
+            log.warning("request %s: the JSON reply does not follow the schema: %s", request.id or "-",
+                        "; ".join(problems))
+            why = "the reply does not follow the schema: " + "; ".join(problems)
+            if finish == "length":
+                why += " (it ended at max_tokens: raise it)"
+            return Reply(id=request.id, status="error", text=gen.text, persona=persona_name,
+                         error=ErrorInfo("invalid_json", why), usage=usage, sources=sources,
+                         provenance=rt.provenance(sampling))
     if finish in ("cancelled", "timeout"):
         message = ("the generation was cancelled" if finish == "cancelled" else
                    f"the generation ran past {config.limits.request_timeout_s:g} s and was stopped")
@@ -171,7 +196,17 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
                      error=ErrorInfo(finish, message), usage=usage, sources=sources,
                      provenance=rt.provenance(sampling))
     return Reply(id=request.id, status="ok", text=gen.text.strip(), persona=persona_name, usage=usage,
-                 sources=sources, provenance=rt.provenance(sampling))
+                 sources=sources, data=data, provenance=rt.provenance(sampling))
+
+
+def _parse_json(text: str, persona: PersonaConfig) -> tuple[Any, list[str]]:
+    """The reply parsed, and what in it breaks the persona's schema (nothing when it follows it)."""
+    assert persona.grammar is not None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, [f"not JSON ({exc.msg} at character {exc.pos})"]
+    return data, validate(data, persona.grammar.schema)
 
 
 def _direct_answer(persona: PersonaConfig, passages: list[Passage]) -> tuple[str, Passage] | None:

@@ -2,7 +2,8 @@
 
 Requests arrive on ``<prefix>/<device>/request[/<persona>]`` (or the fleet topic). The payload is plain UTF-8
 text, or a JSON object with ``text`` and optionally ``persona``, ``id``, ``reply_to``, ``stream``,
-``max_tokens``, ``temperature``, or a JSON string (Node-RED). MQTT v5 clients set Response Topic and
+``max_tokens``, ``temperature``, ``format`` (``json`` for a reply that follows the persona's schema), or a JSON
+string (Node-RED). MQTT v5 clients set Response Topic and
 Correlation Data; MQTT 3.1.1 clients put ``reply_to`` and ``id`` in the JSON.
 """
 
@@ -19,7 +20,7 @@ from .messages import Reply, Request
 
 FIELDS: dict[str, type | tuple[type, ...]] = {
     "text": str, "persona": str, "id": (str, int), "reply_to": str, "stream": bool, "max_tokens": int,
-    "temperature": (int, float)}
+    "temperature": (int, float), "format": str}
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ def decode_payload(payload: bytes, max_bytes: int) -> dict[str, Any]:
             finite = False
         if not finite:
             raise BadRequestError("field 'temperature' must be a finite number")
+    if data.get("format", "text") not in ("text", "json"):
+        raise BadRequestError("field 'format' must be \"text\" or \"json\"")
     if "max_tokens" in data and not -(2**31) < data["max_tokens"] < 2**31:
         raise BadRequestError("field 'max_tokens' is out of range")
     if isinstance(data.get("id"), int) and not -(2**63) <= data["id"] < 2**63:
@@ -176,6 +179,7 @@ def parse(topics: Topics, topic: str, payload: bytes, *, max_bytes: int, allowed
         max_tokens=data.get("max_tokens"),
         temperature=float(data["temperature"]) if "temperature" in data else None,
         stream=bool(data.get("stream", False)),
+        format="json" if data.get("format") == "json" else "text" if data.get("format") == "text" else "",
     )
     return Incoming(request, reply_topic, correlation, request_key(reply_topic, correlation, rid, payload))
 
@@ -264,6 +268,8 @@ def answer_payload(reply: Reply, max_bytes: int) -> bytes:
     body: dict[str, Any] = {"state": text[:255], "status": reply.status, "id": reply.id, "persona": reply.persona,
                             "text": text, "error": reply.error.code if reply.error else None,
                             "sources": [asdict(s) for s in reply.sources]}
+    if reply.data is not None:
+        body["data"] = reply.data
     raw = _encode(body)
     if len(raw) > max_bytes:
         body["text"] = text[: max_bytes // 4]

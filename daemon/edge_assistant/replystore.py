@@ -112,5 +112,6 @@ def reply_from_dict(data: dict[str, Any]) -> Reply:
         error=ErrorInfo(**error) if isinstance(error, dict) else None,
         usage=Usage(**usage) if isinstance(usage, dict) else None,
         sources=tuple(SourceRef(**s) for s in data.get("sources") or () if isinstance(s, dict)),
+        data=data.get("data"),
         provenance=dict(data.get("provenance") or {}),
     )

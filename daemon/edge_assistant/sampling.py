@@ -35,4 +35,5 @@ def policy(persona: PersonaConfig, limits: Limits, temperature: float | None = N
         repeat_penalty=preset.repeat_penalty,
         max_tokens=tokens,
         seed=persona.seed,
+        stop=preset.stop,
     ), tuple(notes)

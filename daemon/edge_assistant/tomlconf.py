@@ -60,6 +60,8 @@ def _kind(value: object) -> str:
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
+    if tp is Any:  # free-form data (an inline JSON Schema): checked by its owner
+        return value
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         options = [a for a in get_args(tp) if a is not type(None)]
