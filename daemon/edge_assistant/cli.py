@@ -279,6 +279,35 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return 0 if loop.replies and all(r.status == "ok" for r in loop.replies) else 1
 
 
+def cmd_persona(args: argparse.Namespace) -> int:
+    """``persona import``: an Ollama Modelfile as a persona TOML, checked by loading it with the config."""
+    from . import modelfile
+
+    config = _config(args)
+    try:
+        text = Path(args.modelfile).read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"edge-assistant: {args.modelfile}: {exc.strerror or exc}", file=sys.stderr)
+        return 66
+    directory = config.model.directory()
+    files = {p.name for p in directory.glob("*.gguf")} if directory.is_dir() else set()
+    imported = modelfile.parse(text, files)
+    toml_text = modelfile.to_toml(args.name, imported.persona)
+    try:
+        load_config(None, {"personas": {args.name: imported.persona}})
+    except EdgeError as exc:
+        print(f"edge-assistant: the persona would not load: {exc.message}", file=sys.stderr)
+        return 78
+    for note in imported.notes:
+        print(f"{args.modelfile}: {note}", file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text(toml_text, encoding="utf-8")
+        print(f"persona {args.name!r} written to {args.out}: append it to the config", file=sys.stderr)
+    else:
+        print(toml_text, end="")
+    return 0
+
+
 def cmd_knowledge(args: argparse.Namespace) -> int:
     from .knowledge import Retriever, build_index
 
@@ -389,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_listen)
 
+    p = sub.add_parser("persona", help="personas: import an Ollama Modelfile")
+    psub = p.add_subparsers(dest="action", required=True)
+    k = psub.add_parser("import", help="print (or --out) a persona TOML made from an Ollama Modelfile")
+    k.add_argument("modelfile", help="the Modelfile")
+    k.add_argument("--name", required=True, help="the persona's name")
+    k.add_argument("--out", help="write the TOML to this file instead of printing it")
+    k.set_defaults(func=cmd_persona)
+
     p = sub.add_parser("knowledge", help="the plant's documents: index them, list them, search them")
     ksub = p.add_subparsers(dest="action", required=True)
     k = ksub.add_parser("index", help="bring the index up to date with [knowledge] paths")
@@ -401,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true")
     for k in ksub.choices.values():
         k.set_defaults(func=cmd_knowledge)
-    for p in (*sub.choices.values(), *ksub.choices.values()):  # as people type them: after the command too
+    for p in (*sub.choices.values(), *ksub.choices.values(), *psub.choices.values()):  # also after the command
         p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
