@@ -10,6 +10,7 @@ import pytest
 from edge_assistant.cli import main
 from edge_assistant.config import load_config
 from edge_assistant.modelfile import parse, to_toml
+from test_adapters import write_adapter
 
 DOC_STYLE = '''# A machining helper, written the way Ollama's documentation shows Modelfiles.
 FROM llama3.2
@@ -32,8 +33,9 @@ FLUX_CAPACITOR on
 
 
 def test_parse_maps_what_a_persona_carries_and_names_the_rest() -> None:
-    got = parse(DOC_STYLE, {"SmolLM2-135M-Instruct.Q4_1.gguf"})
+    got = parse(DOC_STYLE, {"SmolLM2-135M-Instruct.Q4_1.gguf"}, "/srv/personas")
     p = got.persona
+    assert p["adapter"] == "/srv/personas/lathe-lora.gguf"  # relative to the Modelfile, as Ollama reads it
     assert p["system_prompt"].startswith("You are the helper of a turning cell.\nAnswer in two sentences")
     assert p["seed"] == 42
     assert p["sampling"] == {"temperature": 0.2, "max_tokens": 128, "stop": ["<|eot_id|>", "Operator:"]}
@@ -41,7 +43,7 @@ def test_parse_maps_what_a_persona_carries_and_names_the_rest() -> None:
                               "assistant": "A sleeve that clamps round stock or a tool shank."}]
     notes = "\n".join(got.notes)
     for expected in ("line 2: FROM llama3.2: not in the model directory", "line 4: PARAMETER num_ctx 4096",
-                     "line 7: PARAMETER mirostat", "line 14: TEMPLATE: not used", "line 16: ADAPTER",
+                     "line 7: PARAMETER mirostat", "line 14: TEMPLATE: not used", "line 16: ADAPTER ./lathe-lora.gguf",
                      "line 17: FLUX_CAPACITOR: unknown directive"):
         assert expected in notes, notes
 
@@ -70,6 +72,7 @@ def test_cli_import_writes_a_persona_the_daemon_answers_with(tmp_path: Path, mod
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     mf = tmp_path / "Modelfile"
     mf.write_text(DOC_STYLE)
+    write_adapter(tmp_path / "lathe-lora.gguf")  # the Modelfile's ADAPTER, as a GGUF LoRA for this model
     out = tmp_path / "turning.toml"
     assert main(["persona", "import", str(mf), "--name", "turning", "--out", str(out), "--log-level", "ERROR"]) == 0
     err = capsys.readouterr().err

@@ -222,6 +222,16 @@ def test_sighup_reloads_without_reloading_the_model(broker: Broker, tmp_path: Pa
     assert "reload failed, keeping the running configuration" in d.text()
     assert "limits.queue_size: expected an integer" in d.text()
     assert ask("qa", "still")["status"] == "ok"
+
+    # A persona whose LoRA adapter does not fit the model: refused by name, the running configuration kept.
+    bad = tmp_path / "bad-lora.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00not a gguf")
+    cfg.write_text(base + f'\n[personas.qa]\nsystem_prompt = "QA."\nadapter = "{bad}"\n')
+    d.signal(signal.SIGHUP)
+    fourth = notify.wait_for("RELOADING=1", after=third + 1)
+    notify.wait_for("READY=1", after=fourth)
+    assert f"personas.qa.adapter: {bad} is not a LoRA adapter" in d.text()
+    assert ask("qa", "kept")["status"] == "ok"
     d.stop()
 
 

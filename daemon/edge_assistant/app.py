@@ -69,14 +69,23 @@ def load(config: Config, the_plan: Plan) -> Runtime:
     path = the_plan.choice.info.path
     sha = verify(path, expected_sha256(path, config.model.sha256))
     engine = Engine.load(the_plan.choice, the_plan.settings, sha)
-    embedder = load_embedder(config, the_plan, sha, engine.governor)
-    return build_runtime(config, the_plan, engine, embedder, open_knowledge(config))
+    embedder = None
+    try:
+        embedder = load_embedder(config, the_plan, sha, engine.governor)
+        return build_runtime(config, the_plan, engine, embedder, open_knowledge(config))
+    except BaseException:  # a bad adapter or index: nothing of the half-built runtime stays mapped
+        for part in (embedder, engine):
+            if part is not None:
+                part.close()
+        raise
 
 
 def build_runtime(config: Config, the_plan: Plan, engine: Engine, embedder: LlamaEmbedder | None,
                   knowledge: Retriever | None) -> Runtime:
     """A runtime from loaded parts (a reload that keeps the model passes the running engine and embedder)."""
     chooser = engine if isinstance(engine, Chooser) else None
+    adapters = engine.load_adapters({f"personas.{name}.adapter": p.adapter_path(config.model.directory())
+                                     for name, p in config.personas.items() if p.adapter})
     relevance = {name: Relevance(p.guard, embedder, chooser) for name, p in config.personas.items()}
     resources: list[Closable] = [engine]
     if embedder is not None:
@@ -85,7 +94,7 @@ def build_runtime(config: Config, the_plan: Plan, engine: Engine, embedder: Llam
         resources.append(knowledge)
     return Runtime(config=config, engine=engine, relevance=relevance, knowledge=knowledge, embedder=embedder,
                    model_file=the_plan.choice.info.path.name, quantization=the_plan.choice.info.quantization,
-                   profile=the_plan.settings.profile, resources=tuple(resources))
+                   profile=the_plan.settings.profile, resources=tuple(resources), adapters=adapters)
 
 
 def open_knowledge(config: Config, reindex: bool = True) -> Retriever | None:

@@ -291,7 +291,7 @@ def cmd_persona(args: argparse.Namespace) -> int:
         return 66
     directory = config.model.directory()
     files = {p.name for p in directory.glob("*.gguf")} if directory.is_dir() else set()
-    imported = modelfile.parse(text, files)
+    imported = modelfile.parse(text, files, str(Path(args.modelfile).resolve().parent))
     toml_text = modelfile.to_toml(args.name, imported.persona)
     try:
         load_config(None, {"personas": {args.name: imported.persona}})

@@ -158,8 +158,22 @@ class PersonaConfig:
     schema: str | dict[str, Any] = ""
     """The JSON Schema of a ``json`` reply: a path to a schema file, or an inline table (see ``structured``).
     With a schema, a request may also ask ``"format": "json"`` of a ``text`` persona."""
+    adapter: str = ""
+    """A LoRA adapter (GGUF) applied to the model for this persona's requests (the Modelfile's ``ADAPTER``): an
+    absolute path, or a file in the model directory. It is loaded once, beside the model, and switched per request."""
+    adapter_scale: float = 1.0
+    """How strongly the adapter applies (the Modelfile's adapter scale)."""
+
+    def adapter_path(self, model_dir: Path) -> str:
+        """The adapter's file after defaults, or ``""``."""
+        if not self.adapter:
+            return ""
+        path = Path(self.adapter).expanduser()
+        return str(path if path.is_absolute() else model_dir / path)
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.adapter_scale <= 4.0:
+            raise ValueError("adapter_scale: more than 0, at most 4")
         if self.format == "json" and not self.schema:
             raise ValueError("schema: format = \"json\" needs a schema (a file or an inline table)")
         if self.schema:

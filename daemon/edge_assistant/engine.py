@@ -14,15 +14,17 @@ The engine is synchronous; the scheduler's inference thread is its only caller.
 from __future__ import annotations
 
 import codecs
+import ctypes
+import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .cpuload import ContextThreads, ThreadGovernor, psutil_sampler
-from .errors import ContextOverflowError, ModelCorruptError
+from .errors import ConfigError, ContextOverflowError, ModelCorruptError
 from .messages import FinishReason, Generation, Message, Sampling
 from .models import ModelChoice
 from .profiles import Settings
@@ -51,6 +53,9 @@ class Engine:
         self._prefix_tokens: dict[tuple[tuple[str, str], ...], list[int]] = {}
         self._eog = _eog_check(llm)
         self._grammars: dict[str, Any] = {}
+        self._adapters: dict[str, tuple[Any, str]] = {}  # file -> (llama_adapter_lora pointer, SHA-256)
+        self._active: tuple[str, float] = ("", 1.0)  # the adapter (and scale) on the context now
+        self._kv_adapter: tuple[str, float] = ("", 1.0)  # the adapter the KV cache was computed with
         import llama_cpp
 
         offload = bool(llama_cpp.llama_supports_gpu_offload()) and settings.n_gpu_layers != 0
@@ -88,8 +93,53 @@ class Engine:
 
     def close(self) -> None:
         """Unmap the model and free its context (the engine is unusable afterwards)."""
+        import llama_cpp
+
         with self._lock:
+            if self._adapters:
+                llama_cpp.llama_set_adapters_lora(self._llm.ctx, None, 0, None)
+                for pointer, _ in self._adapters.values():
+                    llama_cpp.llama_adapter_lora_free(pointer)
+                self._adapters.clear()
             self._llm.close()
+
+    def load_adapters(self, files: Mapping[str, str]) -> dict[str, str]:
+        """Load the LoRA adapters ``files`` names (where they are configured -> file) beside the model, once each;
+        the file -> SHA-256 of every one. ``ConfigError`` names the place and the file of one that does not fit."""
+        import llama_cpp
+
+        out: dict[str, str] = {}
+        with self._lock:
+            for where, path in files.items():
+                if path not in self._adapters:
+                    try:
+                        sha = _sha256_file(Path(path))
+                    except OSError as exc:
+                        raise ConfigError(f"{where}: {path}: {exc.strerror or exc}") from exc
+                    pointer = llama_cpp.llama_adapter_lora_init(self._llm.model, path.encode())
+                    if not pointer:
+                        raise ConfigError(f"{where}: {path} is not a LoRA adapter for {self.choice.info.path.name} "
+                                          "(another architecture, other tensor shapes, or a damaged file)")
+                    self._adapters[path] = (pointer, sha)
+                    log.info("loaded the LoRA adapter %s (sha256 %s)", path, sha[:16])
+                out[path] = self._adapters[path][1]
+        return out
+
+    def _use_adapter(self, path: str, scale: float) -> None:
+        """Put adapter ``path`` (``""``: none) on the context; called with the lock held, before a generation."""
+        import llama_cpp
+
+        if (path, scale) == self._active:
+            return
+        if path:
+            if path not in self._adapters:
+                raise ConfigError(f"the LoRA adapter {path} was not loaded")
+            pointers = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[path][0])
+            scales = (ctypes.c_float * 1)(scale)
+            llama_cpp.llama_set_adapters_lora(self._llm.ctx, pointers, 1, scales)
+        else:
+            llama_cpp.llama_set_adapters_lora(self._llm.ctx, None, 0, None)
+        self._active = (path, scale)
 
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt text for ``messages`` in the model's own chat template."""
@@ -153,6 +203,8 @@ class Engine:
             raise ContextOverflowError(f"the prompt is {len(prompt)} tokens and the context holds {self.n_ctx}")
         with self._lock:
             self._threads.update(starting=True)
+            self._use_adapter("", 1.0)  # the guard's question goes to the base model
+            self._kv_adapter = self._active
             self._llm.set_seed(seed)
             self._llm.reset()
             out = self._llm.create_completion(prompt, max_tokens=max(len(o) for o in options), temperature=0.0,
@@ -166,8 +218,12 @@ class Engine:
         llm.set_seed(sampling.seed)
         t0 = time.monotonic()
         self._threads.update(starting=True)
+        self._use_adapter(sampling.adapter, sampling.adapter_scale)
         n = len(prefix)
-        cached = bool(n and llm.n_tokens >= n and list(llm.input_ids[:n]) == prefix)
+        # The KV cache of a prefix is only reused under the adapter it was computed with.
+        same_adapter = self._kv_adapter == self._active
+        cached = bool(n and same_adapter and llm.n_tokens >= n and list(llm.input_ids[:n]) == prefix)
+        self._kv_adapter = self._active
         if cached:
             llm.n_tokens = n  # keep the prefix's KV cells; generate() drops the rest and evaluates the user's turn
         else:
@@ -343,6 +399,14 @@ class LlamaEmbedder:
         except OSError as exc:  # a read-only or full disk: the vectors stay in memory, embedded again next start
             log.warning("cannot write the embedding cache %s: %s", self._cache_path, exc)
             tmp.unlink(missing_ok=True)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _thread_setter(llm: Any) -> Callable[[int, int], None]:

@@ -43,6 +43,10 @@ class Sampling:
     """Generation ends before any of these strings (left out of the answer)."""
     grammar: str = ""
     """A GBNF grammar that constrains decoding (a JSON reply's schema); empty: free text."""
+    adapter: str = ""
+    """The LoRA adapter file applied to the model for this request; empty: the base model."""
+    adapter_scale: float = 1.0
+    """How strongly the adapter applies."""
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ class Imported:
     """The ``FROM`` line's model (a name or a path)."""
 
 
-def parse(text: str, model_files: set[str] | None = None) -> Imported:
-    """Read a Modelfile. ``model_files``: the GGUF file names in the model directory, to check ``FROM`` against."""
+def parse(text: str, model_files: set[str] | None = None, base: str = "") -> Imported:
+    """Read a Modelfile. ``model_files``: the GGUF file names in the model directory, to check ``FROM`` against;
+    ``base``: the Modelfile's directory, against which a relative ``ADAPTER`` path is resolved (as Ollama does)."""
     out = Imported()
     sampling: dict[str, Any] = {}
     stops: list[str] = []
@@ -81,7 +82,10 @@ def parse(text: str, model_files: set[str] | None = None) -> Imported:
         elif directive == "TEMPLATE":
             out.notes.append(f"{where}: TEMPLATE: not used; the model's own chat template is kept")
         elif directive == "ADAPTER":
-            out.notes.append(f"{where}: ADAPTER {arg}: LoRA adapters are not supported yet; not used")
+            path = arg if arg.startswith(("/", "~")) or not base else f"{base.rstrip('/')}/{arg.removeprefix('./')}"
+            out.persona["adapter"] = path
+            out.notes.append(f"{where}: ADAPTER {arg}: a LoRA adapter in GGUF for the daemon's model is needed "
+                             f"(Ollama's safetensors adapters are not read); written as {path}")
         elif directive == "LICENSE":
             out.notes.append(f"{where}: LICENSE: kept with the model, not in the persona")
         else:

@@ -69,6 +69,8 @@ class Runtime:
     """The hardware profile it was loaded with."""
     resources: tuple[Closable, ...] = ()
     """What ``close`` releases: the engine, the embedder, the index connection."""
+    adapters: Mapping[str, str] = field(default_factory=dict)
+    """LoRA adapter file to its SHA-256, for every adapter the personas name (loaded beside the model)."""
 
     def close(self, keep: tuple[Closable, ...] = ()) -> None:
         """Release the model, the embedding context and the index (after the scheduler swapped this runtime
@@ -97,6 +99,8 @@ class Runtime:
         }
         if sampling.grammar:
             out["grammar_sha256"] = hashlib.sha256(sampling.grammar.encode()).hexdigest()
+        if sampling.adapter:
+            out["adapter_sha256"] = self.adapters.get(sampling.adapter, "")
         if self.knowledge is not None:
             out["knowledge_sha256"] = self.knowledge.digest
         return out
@@ -152,6 +156,9 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
             room = min(max(sampling.max_tokens, persona.grammar.max_chars), config.limits.max_tokens_ceiling)
             sampling = replace(sampling, grammar=persona.grammar.gbnf, max_tokens=room)
             relevance = None  # the schema bounds the reply; its sentences are not prose to judge
+        if persona.adapter:
+            sampling = replace(sampling, adapter=persona.adapter_path(config.model.directory()),
+                               adapter_scale=persona.adapter_scale)
         direct = None if as_json else _direct_answer(persona, passages)
         if direct is not None:
             text, passage = direct
