@@ -94,7 +94,8 @@ class Runtime:
             "profile": self.profile,
             "device": self.config.device,
             "seed": sampling.seed,
-            "sampling": {k: v for k, v in asdict(sampling).items() if k != "grammar"},
+            "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(sampling).items()
+                         if k != "grammar"},  # plain JSON types: a stored reply reads back equal
             "config_sha256": self.config.digest,
         }
         if sampling.grammar:
