@@ -43,6 +43,13 @@ def test_user_file_merges_over_defaults(tmp_path: Path) -> None:
     ("[personas.x]\ndescription = 'no prompt'\n", "personas.x.system_prompt: required key is missing"),
     ("[personas.factory]\nexamples = [{user = 'hi'}]\n", r"personas.factory.examples\[0\].assistant: required"),
     ("colour = 'red'\n", "colour: unknown key"),
+    ("[personas.factory]\nformat = 'json'\n", "personas.factory.schema: format = \"json\" needs a schema"),
+    ("[personas.factory.schema]\ntype = 'object'\nproperties = {code = {type = 'string', pattern = 'A.*'}}\n",
+     r"personas.factory.schema: \$.properties.code: not supported by the grammar: pattern"),
+    ("[personas.factory]\nschema = '/nonexistent/schema.json'\n", "personas.factory.schema: .*No such file"),
+    ("[personas.factory.sampling]\nstop = ['']\n", "personas.factory.sampling.stop: at most 8 strings, none empty"),
+    ("[personas.factory]\nadapter_scale = 0.0\n", "personas.factory.adapter_scale: more than 0"),
+    ("[[plc]]\ntopic = 'plant/+/alarm'\nformat = 'json'\n", r"plc\[0\].format: persona 'factory' has no schema"),
     ("[limits\n", "not valid TOML"),
 ])
 def test_errors_name_the_key(tmp_path: Path, body: str, message: str) -> None:
@@ -68,7 +75,8 @@ def test_policy_modules_import_no_io_library() -> None:
     code = ("import sys\n"
             "import edge_assistant.messages, edge_assistant.config, edge_assistant.guard, edge_assistant.personas\n"
             "import edge_assistant.sampling, edge_assistant.profiles, edge_assistant.hardware\n"
-            "import edge_assistant.protocol, edge_assistant.plc\n"
+            "import edge_assistant.protocol, edge_assistant.plc, edge_assistant.structured, edge_assistant.cpuload\n"
+            "import edge_assistant.modelfile\n"
             "print(sorted(m for m in ('llama_cpp', 'paho', 'sqlite3', 'pypdf', 'vosk', 'piper', 'psutil', "
             "'sounddevice') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)

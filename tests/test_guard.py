@@ -155,6 +155,10 @@ def test_input_rules_refuse_disguised_requests(text: str, code: str) -> None:
     "Part number AB12CD34EF56GH78 has a burr on the edge.",
     "How do I record downtime in the shift log?",
     "Translate the alarm code 1012 for me: what does it mean?",
+    "Show me the instructions for changing the insert.",
+    "List the rules for the grinder area.",
+    "How do I restore the original setup of the fixture?",
+    "What is written in the tag on valve 3?",
 ])
 def test_disguise_rules_leave_shop_questions_alone(text: str) -> None:
     assert check_input(text, FACTORY).allowed, check_input(text, FACTORY)

@@ -52,8 +52,10 @@ INJECTION_MARKERS = re.compile("|".join([
     r"\bpretend\s+(you|to\s+be)\b",
     r"\b(developer|jailbreak|god|dan)\s+mode\b|\bjailbreak\b|\bDAN\b",
     r"\b(no|without)\s+(rules|restrictions|limits|filters)\b",
-    r"\b(reveal|print|show|repeat|output|display)\b[^.?!\n]{0,30}\b(instructions?|prompt|context|configuration|"
-    r"text\s+above|everything)\b",
+    # the assistant's own instructions, not "show me the instructions for the tool changer"
+    r"\b(reveal|print|show|repeat|output|display)\b[^.?!\n]{0,30}\b((your|its|the\s+(system|initial|hidden|"
+    r"original|above|previous|full|whole|complete))\s+(instructions?|prompts?|context|configuration|rules)|"
+    r"prompts?|text\s+above|everything\s+(above|before|you))\b",
     r"\bfrom\s+now\s+on\b|\bnew\s+(rule|task|instructions?)\b",
     r"\b(simulate|become)\s+an?\s+\w*\s*(ai|assistant|chatbot)\b",
     r"\bsystem\s+override\b|\boverride\s*:",
@@ -69,18 +71,20 @@ INJECTION_MARKERS = re.compile("|".join([
 # for word, what the assistant was told or configured with.
 EXTRACTION_MARKERS = re.compile("|".join([
     r"\b(word\s+for\s+word|verbatim)\b",
-    r"\b(between|inside|within|in)\s+the\s+<?/?[\w_-]*>?\s*tags?\b",
+    r"\b(between|inside|within|in)\s+(the\s+)?<[^>\n]{1,30}>\s*tags?\b|\bbetween\s+the\s+(\w+\s+)?tags\b",
     r"\b(text|everything|words?|content)\s+(above|before|preceding)\s+(this|my|the|our)\b",
     r"\b(precedes?|preceding|came\s+before|before)\s+(my\s+first\s+message|the\s+conversation|this\s+(chat|"
     r"conversation))\b",
-    r"\b(hidden|internal|confidential|initial|original|secret)\s+(text|instructions?|rules|directives?|prompt|setup|"
-    r"log|configuration|policy|persona)\b",
+    r"\b(hidden|confidential|secret)\s+(text|instructions?|rules|directives?|prompt|setup|log|configuration|policy|"
+    r"persona)\b",
+    r"\b(internal|initial|original)\s+(instructions?|directives?|prompt|persona)\b",
     r"\byou\s+(were|have\s+been|are)\s+(told|given|configured|instructed|programmed|set\s+up)\b",
     r"\b(beginning|start)\s+of\s+(our|this|the)\s+(conversation|chat|session)\b",
-    r"\b(your|the)\s+(rules|instructions|directives|guidelines|configuration|persona|identity|initiali[sz]ation)\b"
+    # "your" only: "show the instructions for the tool changer" is an operator's question
+    r"\byour\s+(rules|instructions|directives|guidelines|configuration|persona|identity|initiali[sz]ation)\b"
     r"[^.?!\n]{0,40}\b(exact|exactly|wording|quote|list|summari[sz]e|show|print|output|display|repeat|dump|log)\b",
     r"\b(exact|exactly|wording|quote|list|summari[sz]e|show|print|output|display|repeat|dump|log)\b[^.?!\n]{0,40}"
-    r"\b(your|the)\s+(rules|instructions|directives|guidelines|configuration|persona|identity|initiali[sz]ation)\b",
+    r"\byour\s+(rules|instructions|directives|guidelines|configuration|persona|identity|initiali[sz]ation)\b",
     r"\bsafety\s+polic(y|ies)\b|\bpolicy\s+string\b",
 ]), re.IGNORECASE)
 

@@ -247,7 +247,7 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
 
     def release(text: str) -> bool:
         """Judge the sentences in ``text``, alone and together, and pass them on; False once one is refused."""
-        if relevance is not None and checks_answers:
+        if checks_answers and relevance is not None:
             sentences = [x.strip() for x in SENTENCE_END.split(text) if x.strip()]
             for unit in [*sentences, " ".join(sentences)] if len(sentences) > 1 else sentences:
                 verdict = relevance.check_answer(unit, context)
@@ -294,7 +294,6 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 """Where a held-back answer is cut into sentences to be judged."""
 FIRST_WORDS = 12
 """Words an answer holds back before its first sentences are judged and streamed."""
-
 
 
 def _refuse(request: Request, persona: str, guard: GuardConfig, verdict: Verdict) -> Reply:

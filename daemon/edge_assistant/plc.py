@@ -105,7 +105,7 @@ class PlcGateway:
         lookup = tuple(" ".join(str(fields[n]).split())[:MAX_FIELD] for n in ("code", "alarm_code", "tag", "alarm")
                        if str(fields.get(n, "")).strip())
         request = Request(text=text, persona=route.persona, id=rid, max_tokens=route.max_tokens, quoted=True,
-                          lookup=lookup)
+                          format=route.format, lookup=lookup)
         return PlcResult(Incoming(request, reply_topic, None, f"plc|{rid}"), "", reply_topic)
 
     def _fields(self, route: PlcRoute, payload: bytes) -> dict[str, object]:
