@@ -8,6 +8,10 @@ evaluated first. Either way the same arithmetic runs, so an answer never depends
 (llama-cpp-python's own prefix reuse splits prompts wherever the previous one ended; on CUDA that was seen to
 change answers, and evaluating the last token alone shifts logits.)
 
+Per request the engine also applies what the sampling names: a persona's LoRA adapter (loaded once beside the
+mapped model, switched on the context; the prefix cache is only reused under the adapter it was computed with), a
+GBNF grammar (a JSON reply's schema), and stop strings. Its thread counts follow the machine's load (``cpuload``).
+
 The engine is synchronous; the scheduler's inference thread is its only caller.
 """
 
