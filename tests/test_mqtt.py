@@ -496,3 +496,19 @@ def test_plc_alarm_explained_as_json(broker: Broker, tmp_path: Path, watcher: Cl
         assert no_schema["status"] == "error" and isinstance(error, dict) and error["code"] == "bad_request"
         assert "no schema" in error["message"]
         gw.close()
+
+
+def test_two_daemons_with_one_device_id_are_told_apart_in_the_log(broker: Broker, tmp_path: Path) -> None:
+    """Two daemons with the same device_id take the broker session from each other every second; the log names it."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cfgs = [write_config(tmp_path / d / "c.toml", broker, "twin") for d in ("a", "b")]
+    daemons = [DaemonProcess(c).start() for c in cfgs]
+    try:
+        deadline = time.monotonic() + 90
+        while not any("another client may be using the client id 'edge-assistant-twin'" in d.text() for d in daemons):
+            assert time.monotonic() < deadline, daemons[0].text()[-2000:]
+            time.sleep(1)
+    finally:
+        for d in daemons:
+            d.stop()

@@ -215,3 +215,19 @@ def test_health_and_state_are_published_on_connect(rig: Rig) -> None:
     assert health.retain and json.loads(health.payload)["busy"] is False
     assert json.loads(rig.client.on("edge/dev1/state")[-1].payload) == {"busy": False, "queue_depth": 0}
     assert rig.client.on("edge/dev1/status")[-1].payload == b"online"
+
+
+def test_short_drops_name_a_client_id_clash() -> None:
+    from edge_assistant.mqtt import ShortDrops
+
+    now = [0.0]
+    drops = ShortDrops(within_s=5.0, after=3, clock=lambda: now[0])
+    seen = []
+    for gap in (1.0, 1.0, 1.0, 1.0):  # connected, then closed a second later, again and again
+        drops.connected()
+        now[0] += gap
+        seen.append(drops.dropped())
+    assert seen == [False, False, True, False]  # said once per streak
+    drops.connected()
+    now[0] += 60.0  # a long-lived connection that drops is an ordinary outage: the streak starts again
+    assert not drops.dropped() and drops.streak == 0

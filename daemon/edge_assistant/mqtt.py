@@ -40,6 +40,27 @@ log = logging.getLogger(__name__)
 AUTH_FAILURES = {134, 135, 4, 5}  # v5: bad user name or password, not authorized; v3: the same two
 
 
+class ShortDrops:
+    """Connections the broker closes within seconds of accepting them, in a row: the sign that another client
+    connects with the same client id (a second daemon with the same ``device_id``), as each takes the session from
+    the other. Mosquitto closes the socket without saying why, so the pattern is all there is to go on."""
+
+    def __init__(self, within_s: float = 5.0, after: int = 3, clock: Callable[[], float] = time.monotonic) -> None:
+        self.within_s = within_s
+        self.after = after
+        self._clock = clock
+        self._since = 0.0
+        self.streak = 0
+
+    def connected(self) -> None:
+        self._since = self._clock()
+
+    def dropped(self) -> bool:
+        """Count a drop; True when the streak reaches ``after`` (once per streak)."""
+        self.streak = self.streak + 1 if self._clock() - self._since < self.within_s else 0
+        return self.streak == self.after
+
+
 class MqttService:
     """Serves the scheduler over MQTT. ``start`` connects; ``stop`` says offline and disconnects.
 
@@ -68,6 +89,7 @@ class MqttService:
         self._state_lock = threading.Lock()
         self._published_state: tuple[bool, int] | None = None
         scheduler.on_change(self._publish_state)
+        self._drops = ShortDrops()
         self.client = make_client() if make_client is not None else self._make_client()
         self._wire(self.client)
 
@@ -140,6 +162,7 @@ class MqttService:
                 self._max_packet = min(self.config.mqtt.max_reply_bytes, int(properties.MaximumPacketSize) - 1024)
             log.info("connected to %s:%d (session present: %s)", self.config.mqtt.host, self.config.mqtt.port,
                      flags.session_present)
+            self._drops.connected()
             subs = [self.topics.request, self.topics.request + "/+", self.topics.control]
             if self.config.mqtt.shared_group:
                 g = self.config.mqtt.shared_group
@@ -158,11 +181,16 @@ class MqttService:
         except Exception:  # a callback must never take the network loop down
             log.exception("error in on_connect")
 
-    def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any,
+    def _on_disconnect(self, client: paho.Client, _userdata: Any, _flags: Any, reason: Any,
                        _properties: Properties | None) -> None:
         self._connected.clear()
         if not self._stopping.is_set() and self.fatal is None:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
+            if self._drops.dropped():
+                log.error("the broker closed the connection %d times in a row within %g s of accepting it: another "
+                          "client may be using the client id %r (a second daemon with device_id %r?), or the "
+                          "broker's limits refuse this client", self._drops.streak, self._drops.within_s,
+                          _client_id(client), self.config.device)
 
     def _publish_discovery(self) -> None:
         if not self.config.mqtt.discovery:
@@ -375,6 +403,11 @@ class MqttService:
                 log.warning("offline status not confirmed: %s", exc)
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def _client_id(client: Any) -> str:
+    raw = getattr(client, "_client_id", b"")
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
 
 
 def no_delay(client: paho.Client) -> None:
