@@ -46,6 +46,10 @@ INJECTION_MARKERS = re.compile("|".join([
     r"\b(drop|truncate)\s+table\b|\brm\s+-rf\b|<script\b|/etc/(passwd|shadow)\b",
     r"\b(reveal|tell|give|show|list|leak|print)\b[^.?!\n]{0,25}\b(passwords?|secrets?|api\s+keys?|credentials|"
     r"access\s+keys?)\b",
+    # credentials and a role given to the assistant
+    r"\b(database|server|system|admin|root|user|your|login)\s+(passwords?|credentials|secrets?)\b|\blogin\s+data\b",
+    r"^\W*(you\s+are|you're|act\s+like)\s+(an?|the)\s+(\w+\s+){0,3}(developer|admin|administrator|hacker|assistant|ai|"
+    r"bot|model|expert|engineer|simulator|terminal|character|persona)\b",
     r"\b(system|initial|hidden|original)\s+(prompt|message|instructions?|configuration)\b",
     r"\byou\s+are\s+(now|no\s+longer)\b",
     r"\b(act|behave|roleplay|role-play)\s+as\b",
@@ -86,6 +90,11 @@ EXTRACTION_MARKERS = re.compile("|".join([
     r"\b(exact|exactly|wording|quote|list|summari[sz]e|show|print|output|display|repeat|dump|log)\b[^.?!\n]{0,40}"
     r"\byour\s+(rules|instructions|directives|guidelines|configuration|persona|identity|initiali[sz]ation)\b",
     r"\bsafety\s+polic(y|ies)\b|\bpolicy\s+string\b",
+    # the assistant's own internals (not "your system" or "your database": operators ask the assistant to look
+    # things up in them)
+    r"\byour\s+(algorithm|source\s+code|code|memory|directories|login|server|host|internals?|weights|"
+    r"training\s+data)\b",
+    r"\b(files|directories|folders)\s+(you\s+have|on\s+your)\b|\bmemory\s+usage\s+details\b",
 ]), re.IGNORECASE)
 
 # An off-topic request dressed as on topic, or a translation that is to be obeyed.
