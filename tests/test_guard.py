@@ -238,3 +238,20 @@ def test_an_answer_drifting_off_topic_is_stopped_before_it_leaves(model_path) ->
 def test_the_trades_words_are_answered(scheduler: Scheduler, text: str) -> None:
     reply = scheduler.ask(Request(text=text, max_tokens=40))
     assert reply.status == "ok" and reply.text, reply
+
+
+def test_a_text_that_cannot_be_embedded_is_refused_not_an_internal_error(runtime: Runtime,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """llama_decode can refuse a batch (it returns -1): the request is judged off topic, the daemon goes on."""
+    embedder = runtime.embedder
+    assert embedder is not None
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("llama_decode returned -1")
+
+    monkeypatch.setattr(embedder._llm, "embed", refuse)
+    vec = embedder.embed(["tell me something"])[0]
+    assert not vec.any() and "could not embed a text of 17 characters" in caplog.text
+    verdict = runtime.relevance["factory"].check("tell me something")
+    assert not verdict.allowed and verdict.code == "off_topic" and verdict.score == -1.0

@@ -357,7 +357,8 @@ class LlamaEmbedder:
             self._llm.close()
 
     def embed(self, texts: Sequence[str], remember: bool = False) -> Any:
-        """One row per text, each of unit length; ``remember`` keeps them in the cache file (guard examples).
+        """One row per text, each of unit length (all zeros for a text llama.cpp could not embed); ``remember`` keeps
+        them in the cache file (guard examples).
 
         Texts are embedded one at a time: llama-cpp-python's batched ``embed`` of several texts gave vectors
         far from the one-at-a-time ones with this model. Only the first ``MAX_EMBED_TOKENS`` tokens are embedded:
@@ -373,10 +374,14 @@ class LlamaEmbedder:
                 vec = self._cache.get(text)
                 if vec is None:
                     self._threads.update(starting=True)
-                    out = np.asarray(self._llm.embed(self._head(text), normalize=False, truncate=True),
-                                     dtype=np.float32)
-                    vec = out.mean(axis=0) if out.ndim == 2 else out
-                    vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
+                    try:
+                        out = np.asarray(self._llm.embed(self._head(text), normalize=False, truncate=True),
+                                         dtype=np.float32)
+                        vec = out.mean(axis=0) if out.ndim == 2 else out
+                        vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
+                    except (RuntimeError, ValueError) as exc:  # llama_decode refused the batch: no vector
+                        log.warning("could not embed a text of %d characters (%s); it has no vector", len(text), exc)
+                        vec = np.zeros(self._llm.n_embd(), dtype=np.float32)
                     if remember:
                         self._cache[text] = vec
                         new += 1

@@ -387,6 +387,8 @@ class Relevance:
         """Mean of the ``k`` nearest on-topic similarities minus the same for off-topic examples."""
         assert self.embedder is not None and self._on is not None and self._off is not None
         v = self.embedder.embed([text])[0]
+        if not np.any(v):  # a text the model could not embed is judged far off topic, never waved through
+            return -1.0
         on = np.sort(self._on @ v)[-k:].mean()
         off = np.sort(self._off @ v)[-k:].mean()
         return float(on - off)
