@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import hashlib
 import logging
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any
 from .cpuload import ContextThreads, ThreadGovernor, psutil_sampler
 from .errors import ConfigError, ContextOverflowError, ModelCorruptError
 from .messages import FinishReason, Generation, Message, Sampling
-from .models import ModelChoice
+from .models import ModelChoice, sha256_file
 from .profiles import Settings
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ class Engine:
             for where, path in files.items():
                 if path not in self._adapters:
                     try:
-                        sha = _sha256_file(Path(path))
+                        sha = sha256_file(Path(path))
                     except OSError as exc:
                         raise ConfigError(f"{where}: {path}: {exc.strerror or exc}") from exc
                     pointer = llama_cpp.llama_adapter_lora_init(self._llm.model, path.encode())
@@ -408,14 +407,6 @@ class LlamaEmbedder:
         except OSError as exc:  # a read-only or full disk: the vectors stay in memory, embedded again next start
             log.warning("cannot write the embedding cache %s: %s", self._cache_path, exc)
             tmp.unlink(missing_ok=True)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _thread_setter(llm: Any) -> Callable[[int, int], None]:
