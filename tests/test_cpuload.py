@@ -47,7 +47,8 @@ def scripted(others: Iterator[float], own: float = 1.0) -> tuple[ThreadGovernor,
         state["own"] += own * RECHECK_S
         return CpuSample(state["wall"], state["busy"], state["own"])
 
-    return ThreadGovernor(2, 2, 2, sample, sleep=sleeps.append), sleeps
+    # The governor's clock reads the time the next sample will carry.
+    return ThreadGovernor(2, 2, 2, sample, sleep=sleeps.append, clock=lambda: state["wall"] + RECHECK_S), sleeps
 
 
 def test_governor_gives_way_and_comes_back(caplog: pytest.LogCaptureFixture) -> None:
@@ -106,3 +107,23 @@ def test_changing_threads_between_tokens_keeps_the_answer(engine: Engine) -> Non
         engine._llm._ctx.set_n_threads(engine.settings.n_threads, engine.settings.n_threads_batch)
     assert len(set(applied)) == 2 and len(applied) > 10, applied
     assert changing.text == steady.text and changing.completion_tokens == steady.completion_tokens == 48
+
+
+def test_the_load_is_read_only_when_a_look_is_due() -> None:
+    """Asked at every token, the governor reads /proc/stat once per RECHECK_S, not once per token."""
+    now = [0.0]
+    reads = []
+
+    def sample() -> CpuSample:
+        reads.append(now[0])
+        return CpuSample(now[0], 0.0, 0.0)
+
+    governor = ThreadGovernor(2, 2, 2, sample, sleep=lambda s: None, clock=lambda: now[0])
+    governor.now(starting=True)
+    for _ in range(100):  # a hundred tokens within 0.1 s
+        now[0] += 0.001
+        governor.now()
+    assert len(reads) == 2  # the first look's two readings (a fresh window), none per token
+    now[0] += RECHECK_S
+    governor.now()
+    assert len(reads) == 3

@@ -74,11 +74,13 @@ class ThreadGovernor:
 
     def __init__(self, n_threads: int, n_threads_batch: int, usable_cpus: int,
                  sampler: Callable[[], CpuSample] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.planned = (n_threads, n_threads_batch)
         self.usable_cpus = usable_cpus
         self._sample = sampler
         self._sleep = sleep
+        self._clock = clock  # the sampler's clock: checked before reading /proc/stat on every token
         self._last: CpuSample | None = None
         self._now = self.planned
         self.others = 0.0
@@ -88,13 +90,13 @@ class ThreadGovernor:
         """(generation threads, prompt threads) for the next step; ``starting`` marks the start of a request."""
         if self._sample is None:
             return self.planned
-        current = self._sample()
         last = self._last
+        if last is not None and self._clock() - last.wall < RECHECK_S:  # too short a window: the last answer stands
+            return self._now
+        current = self._sample()
         if last is None or (starting and current.wall - last.wall > STALE_S):
             self._sleep(FRESH_WINDOW_S)
             last, current = current, self._sample()
-        elif current.wall - last.wall < RECHECK_S:  # too short a window to measure: the last answer stands
-            return self._now
         self._last = current
         self.others = others_busy(last, current)
         n = threads_under_load(self.planned[0], self.usable_cpus, self.others)
