@@ -242,11 +242,12 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
     refused: list[Verdict] = []
     checks_answers = relevance is not None and relevance.checks_answers
     context = content_words(" ".join(p.text for p in passages)) if passages else frozenset()
-    held = [""]
-    released = [False]
+    held = ""  # the answer's text not yet judged and passed on
+    released = False  # whether any of it has been passed on
 
     def release(text: str) -> bool:
         """Judge the sentences in ``text``, alone and together, and pass them on; False once one is refused."""
+        nonlocal released
         if checks_answers and relevance is not None:
             sentences = [x.strip() for x in SENTENCE_END.split(text) if x.strip()]
             for unit in [*sentences, " ".join(sentences)] if len(sentences) > 1 else sentences:
@@ -255,12 +256,13 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
                     refused.append(verdict)
                     stop.set()
                     return False
-        released[0] = True
+        released = True
         if on_text is not None and text:
             on_text(text)
         return True
 
     def watch(piece: str) -> None:
+        nonlocal held
         if progress is not None:
             progress()
         seen.append(piece)
@@ -270,12 +272,12 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
             stop.set()
             return
         if checks_answers:
-            held[0] += piece
-            ends = list(SENTENCE_END.finditer(held[0]))
+            held += piece
+            ends = list(SENTENCE_END.finditer(held))
             # The first release waits for FIRST_WORDS words: one short line says too little about its topic.
-            if ends and (released[0] or len(held[0][:ends[-1].end()].split()) >= FIRST_WORDS):
+            if ends and (released or len(held[: ends[-1].end()].split()) >= FIRST_WORDS):
                 cut = ends[-1].end()
-                ready, held[0] = held[0][:cut], held[0][cut:]
+                ready, held = held[:cut], held[cut:]
                 if not release(ready):
                     return
         elif on_text is not None:
@@ -285,8 +287,8 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
 
     messages = build_messages(persona, request.text, passages)
     gen = rt.engine.generate(messages, sampling, watch, stop, deadline)
-    if not refused and held[0]:
-        release(held[0])
+    if not refused and held:
+        release(held)
     return gen, (refused[0] if refused else None)
 
 
