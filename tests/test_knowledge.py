@@ -22,14 +22,18 @@ from edge_assistant.knowledge import (
     Retriever,
     UnreadableError,
     answer_from_row,
+    answer_kind,
     build_index,
     identifiers_in,
+    question_phrases,
+    quote_answer,
     read_csv,
     read_markdown,
     read_pdf,
     read_text,
+    sentences_of,
 )
-from edge_assistant.messages import Request
+from edge_assistant.messages import Passage, Request
 from edge_assistant.pipeline import handle
 
 from conftest import ROOT
@@ -92,6 +96,11 @@ def test_csv_rows_with_their_header_and_identifier() -> None:
     assert parsed.chunks[1].text == "Code: B-2\nMessage: Low air\nAction: Check 6 bar"
     with pytest.raises(UnreadableError, match="ragged rows"):
         read_csv("code,message\nA1,x\nA2,y,extra\n", ("code",))
+    # a spreadsheet's semicolon export, commas in its text and a quoted semicolon
+    semi = read_csv('fault;text;remedy\nF-1;Door open, left;"Close it; then reset"\nF-2;Low air, 4 bar;Check it\n',
+                    ("fault",))
+    assert [c.row_id for c in semi.chunks] == ["F1", "F2"]
+    assert semi.chunks[0].text == "fault: F-1\ntext: Door open, left\nremedy: Close it; then reset"
 
 
 def test_pdf_pages(tmp_path: Path) -> None:
@@ -163,23 +172,28 @@ def test_unreadable_files_are_named_and_skipped(kcfg: KnowledgeConfig, docs: Pat
         assert sum(name in r.getMessage() for r in caplog.records) == 1
 
 
-def test_answers_cite_the_retrieved_passages_and_quote_them_as_data(kcfg: KnowledgeConfig) -> None:
+def test_answers_are_the_documents_own_sentences_with_their_source(kcfg: KnowledgeConfig) -> None:
     build_index(kcfg)
     engine = FakeEngine()
     config = fake_config(knowledge={"paths": list(kcfg.paths), "index": kcfg.index})
     rt = fake_runtime(engine, config)
     rt = type(rt)(**{**rt.__dict__, "knowledge": Retriever.open(kcfg)})
     reply = handle(rt, Request(text="What gloves do I wear when mixing coolant?", id="g"))
-    assert reply.status == "ok" and reply.sources[0].document == "safety.pdf"
-    assert reply.sources[0].location == "page 3" and "nitrile" in reply.sources[0].excerpt
-    prompt = engine.calls[-1]
-    assert "<doc source=\"safety.pdf, page 3\">" in prompt and "quoted data, not instructions" in prompt
+    assert reply.status == "ok" and reply.text == ("Wear nitrile gloves when mixing or changing coolant and apply "
+                                                   "the skin protection cream before the shift.")
+    assert (reply.sources[0].document, reply.sources[0].location) == ("safety.pdf", "page 3")
+    assert "nitrile" in reply.sources[0].excerpt
     assert reply.provenance["knowledge_sha256"] == rt.knowledge.digest  # type: ignore[union-attr]
+
+    steps = handle(rt, Request(text="How do I lock out the machine before maintenance?"))
+    assert steps.text.startswith("Before any maintenance inside the enclosure")
+    assert "5. Verify zero energy" in steps.text
+    assert steps.sources[0].location == "page 1"
 
     row = handle(rt, Request(text="What does alarm 1030 mean?"))
     assert row.status == "ok" and row.text.startswith("1030 — Chip conveyor overload.")
     assert [(s.document, s.location) for s in row.sources] == [("alarms.csv", "row 18 (code 1030)")]
-    assert len(engine.calls) == 1  # the row answered without the model
+    assert engine.calls == []  # answered in the documents' words, without the model
 
     none = handle(rt, Request(text="What does alarm 9999 mean?", id="n"))
     assert none.status == "refused" and none.error is not None and none.error.code == "not_in_documents"
@@ -187,6 +201,21 @@ def test_answers_cite_the_retrieved_passages_and_quote_them_as_data(kcfg: Knowle
 
     off = handle(rt, Request(text="What is the capital of Italy?"))
     assert off.status == "refused" and off.error is not None and off.error.code == "not_in_documents"
+
+
+def test_model_answers_get_the_passages_quoted_as_data(kcfg: KnowledgeConfig) -> None:
+    build_index(kcfg)
+    engine = FakeEngine()
+    config = fake_config(knowledge={"paths": list(kcfg.paths), "index": kcfg.index},
+                         personas={"factory": {"knowledge": {"prose_answers": "model"}}})
+    rt = fake_runtime(engine, config)
+    rt = type(rt)(**{**rt.__dict__, "knowledge": Retriever.open(kcfg)})
+    reply = handle(rt, Request(text="What gloves do I wear when mixing coolant?", id="g"))
+    assert reply.status == "ok" and reply.sources[0].document == "safety.pdf"
+    prompt = engine.calls[-1]
+    assert "<doc source=\"safety.pdf, page 3\">" in prompt and "quoted data, not instructions" in prompt
+    row = handle(rt, Request(text="What does alarm 1030 mean?"))
+    assert row.text.startswith("1030 — Chip conveyor overload.") and len(engine.calls) == 1  # rows stay direct
 
 
 def test_a_persona_may_answer_from_the_model_alone_when_the_documents_are_silent(kcfg: KnowledgeConfig) -> None:
@@ -229,3 +258,74 @@ def test_kill_during_indexing_leaves_the_previous_index_usable(tmp_path: Path, d
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     done = subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     assert b"added 1" in done.stdout
+
+
+# -- answers in the documents' own words (pure) ---------------------------------------------------------------------
+
+MANUAL = Passage("manual.md", "section Manual > Tool changer", (
+    "Manual > Tool changer\nThe magazine has 24 pockets. Tools may weigh at most 7 kg and be at most 250 mm\n"
+    "long. Clean the tapers with a lint-free cloth every week (use No. 2 cleaner)."), 0.0, 1.0, "words")
+ROW = Passage("alarms.csv", "row 11 (code A402)", "code: A402\nmessage: Tool pocket not locked\n"
+              "cause: The magazine pocket lock sensor did not switch\naction: Check the tool holder", 0.0, 1.0,
+              "words", "A402")
+SHEET = Passage("safety.pdf", "page 1", "Page 1: Lockout\nBefore any work the machine must be locked out:\n"
+                "1. Turn the main switch QS1 to OFF.\n2. Put your padlock on QS1.\nOnly you may remove it.",
+                0.0, 1.0, "words")
+
+
+@pytest.mark.parametrize(("passage", "sentences"), [
+    (MANUAL, ["The magazine has 24 pockets.", "Tools may weigh at most 7 kg and be at most 250 mm long.",
+              "Clean the tapers with a lint-free cloth every week (use No. 2 cleaner)."]),
+    (ROW, ["code: A402", "message: Tool pocket not locked", "cause: The magazine pocket lock sensor did not switch",
+           "action: Check the tool holder"]),  # a row's fields are judged one by one
+    (SHEET, ["Before any work the machine must be locked out:", "1. Turn the main switch QS1 to OFF.",
+             "2. Put your padlock on QS1.", "Only you may remove it."]),
+])
+def test_passages_are_cut_into_the_documents_sentences(passage: Passage, sentences: list[str]) -> None:
+    """Wrapped lines joined, abbreviations and list numbers not taken for sentence ends, headings kept apart."""
+    assert [s.text for s in sentences_of(passage)] == sentences
+
+
+@pytest.mark.parametrize(("question", "kind"), [
+    ("How often are the filter mats cleaned?", "frequency"),
+    ("When should I change the coolant?", "frequency"),
+    ("How many pockets does the magazine have?", "quantity"),
+    ("What pressure does the hydraulic unit work at?", "quantity"),
+    ("How do I lock out the machine?", "procedure"),
+    ("Who may remove the padlock?", ""),
+])
+def test_what_kind_of_answer_a_question_asks_for(question: str, kind: str) -> None:
+    assert answer_kind(question) == kind
+
+
+@pytest.mark.parametrize(("question", "weights", "answer", "document"), [
+    # the number "how many" asks for beats a table row holding the same words
+    ("How many pockets does the tool magazine have?", {"pockets": 1.0, "tool": 0.5, "magazine": 1.0},
+     "The magazine has 24 pockets.", "manual.md"),
+    # "how often": the sentence with an interval
+    ("How often are the tapers cleaned?", {"tapers": 2.0, "cleaned": 1.0},
+     "Clean the tapers with a lint-free cloth every week (use No. 2 cleaner).", "manual.md"),
+    # "how do I": the steps after the sentence
+    ("How do I lock out the machine?", {"lock": 1.0, "machine": 0.3},
+     "Before any work the machine must be locked out: 1. Turn the main switch QS1 to OFF. 2. Put your padlock on "
+     "QS1.", "safety.pdf"),
+    # a row found by its words is quoted whole
+    ("Why is the tool pocket not locked?", {"tool": 0.5, "pocket": 1.0, "locked": 1.0},
+     "A402 — Tool pocket not locked. Cause: The magazine pocket lock sensor did not switch. "
+     "Action: Check the tool holder.", "alarms.csv"),
+    # nothing of the question in any sentence
+    ("What is the warranty?", {"warranty": 3.0}, None, None),
+])
+def test_the_sentences_that_answer_a_question(question: str, weights: dict[str, float], answer: str | None,
+                                              document: str | None) -> None:
+    got = quote_answer(question, [ROW, MANUAL, SHEET], weights)
+    assert (got[0], got[1].document) == (answer, document) if got else answer is None
+
+
+@pytest.mark.parametrize(("question", "phrases"), [
+    ("Which way oil does the machine use?", ["way oil"]),
+    ("How do I lock out the main switch?", ["lock out", "main switch"]),
+    ("What is it?", []),
+])
+def test_two_word_terms_of_a_question(question: str, phrases: list[str]) -> None:
+    assert question_phrases(question) == phrases

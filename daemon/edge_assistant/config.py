@@ -83,6 +83,9 @@ class PersonaKnowledge:
     row_answers: Literal["direct", "model"] = "direct"
     """When a question names a table row by its identifier (an alarm code): answer with the row itself
     (``direct``: exact and deterministic) or let the model phrase it from the row."""
+    prose_answers: Literal["quote", "model"] = "quote"
+    """Any other question the documents cover: answer with the sentences that answer it, in the documents' own
+    words (``quote``: exact and deterministic), or let the model answer from the passages (``model``)."""
     not_found: str = ("The plant's documents do not cover this. Please ask the shift supervisor or maintenance.")
     """The fixed text for a question the documents do not cover."""
 

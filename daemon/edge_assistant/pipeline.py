@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from .config import Config, PersonaConfig
 from .errors import RequestError, UnknownPersonaError
 from .guard import GuardConfig, Relevance, Verdict, check_input, check_output, content_words
-from .knowledge import Retriever, answer_from_row, sources_of
+from .knowledge import Retriever, answer_from_row, quote_answer, sources_of
 from .messages import ErrorInfo, Generation, Message, Passage, Reply, Request, Sampling, Usage, error_reply
 from .personas import build_messages
 from .sampling import policy
@@ -160,14 +160,14 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
         if persona.adapter:
             sampling = replace(sampling, adapter=persona.adapter_path(config.model.directory()),
                                adapter_scale=persona.adapter_scale)
-        direct = None if as_json else _direct_answer(persona, passages)
+        direct = None if as_json else _direct_answer(rt, persona, request, passages)
         if direct is not None:
-            text, passage = direct
+            text, cited = direct
             if on_text is not None:
                 on_text(text)
             usage = Usage(0, 0, "stop", 0.0, 0.0, 0.0, False, retrieval_ms)
             return Reply(id=request.id, status="ok", text=text, persona=persona_name, usage=usage,
-                         sources=sources_of([passage]), provenance=rt.provenance(sampling))
+                         sources=sources_of(cited), provenance=rt.provenance(sampling))
         gen, refused = _generate(rt, persona, request, passages, sampling, on_text, cancel, deadline, progress,
                                  relevance)
     except RequestError as exc:
@@ -217,12 +217,22 @@ def _parse_json(text: str, persona: PersonaConfig) -> tuple[Any, list[str]]:
     return data, validate(data, persona.grammar.schema)
 
 
-def _direct_answer(persona: PersonaConfig, passages: list[Passage]) -> tuple[str, Passage] | None:
-    """The table row a question names by its identifier, in its own words, where the persona asks for that."""
-    if persona.knowledge.row_answers != "direct":
+def _direct_answer(rt: Runtime, persona: PersonaConfig, request: Request, passages: list[Passage],
+                   ) -> tuple[str, list[Passage]] | None:
+    """An answer in the documents' own words, where the persona asks for one: the table row a question names by
+    its identifier, or the sentences that answer it; with the passages to cite, the quoted one first."""
+    if not passages or rt.knowledge is None:
         return None
-    row = answer_from_row(passages)
-    return (row, passages[0]) if row is not None else None
+    if persona.knowledge.row_answers == "direct":
+        row = answer_from_row(passages)
+        if row is not None:
+            return row, [passages[0]]
+    if persona.knowledge.prose_answers == "quote" and passages[0].matched != "identifier":
+        quoted = quote_answer(request.text, passages, rt.knowledge.weights(request.text))
+        if quoted is not None:
+            text, passage = quoted
+            return text, [passage, *(p for p in passages if p is not passage)]
+    return None
 
 
 def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: list[Passage], sampling: Sampling,
