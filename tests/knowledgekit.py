@@ -1,7 +1,9 @@
-"""Test helpers for the plant's documents: a small PDF writer and the fictional machine's document set.
+"""Test helpers for the plant's documents: a small PDF writer and the fictional machines' document sets.
 
-The document set (``tests/data/knowledge``) is a fictional Brennholt VMC-850 machining centre: an alarm table
-(CSV), a maintenance manual (Markdown) and a safety sheet, written here as a PDF with one page per section.
+``tests/data/knowledge`` is a fictional Brennholt VMC-850 machining centre: an alarm table (CSV), a maintenance
+manual (Markdown) and a safety sheet, written here as a PDF with one page per section. ``tests/data/knowledge_pl40``
+is a fictional Kestrel PL-40 palletising cell: a fault list (CSV, semicolons), a changeover guide (Markdown) and an
+operating manual (PDF).
 """
 
 from __future__ import annotations
@@ -52,21 +54,37 @@ def write_pdf(pages: list[list[str]], path: Path) -> Path:
     return path
 
 
-def safety_pages() -> list[list[str]]:
-    """The safety sheet's pages (``\\f`` lines separate them in the source text)."""
-    text = (DATA / "safety_sheet.txt").read_text()
+SETS = {"vmc850": DATA, "pl40": DATA.parent / "knowledge_pl40"}
+"""The labelled document sets: the machining centre (the first, with the daemon's own tests), and a palletising
+cell written later, after the first set's tuning, to see how the settings carry over to documents they were not
+chosen on."""
+PDF_SOURCES = {"safety_sheet.txt": "safety.pdf", "operating_manual.txt": "operating_manual.pdf"}
+"""Text files of a set written as PDFs, one page per ``\\f`` line."""
+
+
+def pdf_pages(source: Path) -> list[list[str]]:
+    """A PDF's pages from its source text (``\\f`` lines separate them)."""
+    text = source.read_text()
     return [[line for line in page.strip("\n").splitlines()] for page in text.split("\\f\n")]
 
 
-def make_documents(dest: Path) -> Path:
-    """The fictional machine's documents in ``dest``: alarms.csv, maintenance.md and safety.pdf."""
+def make_documents(dest: Path, data: Path = DATA) -> Path:
+    """A set's documents in ``dest`` (the machining centre's: alarms.csv, maintenance.md and safety.pdf)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for f in (DATA / "docs").iterdir():
+    for f in (data / "docs").iterdir():
         shutil.copy(f, dest / f.name)
-    write_pdf(safety_pages(), dest / "safety.pdf")
+    for source, name in PDF_SOURCES.items():
+        if (data / source).is_file():
+            write_pdf(pdf_pages(data / source), dest / name)
     return dest
 
 
-def questions() -> list[dict[str, Any]]:
+def corpus(data: Path = DATA) -> str:
+    """Every document's text of a set, for judging whether an answer states anything none of them holds."""
+    files = [*sorted((data / "docs").iterdir()), *(data / s for s in PDF_SOURCES if (data / s).is_file())]
+    return "\n".join(f.read_text() for f in files)
+
+
+def questions(data: Path = DATA) -> list[dict[str, Any]]:
     """The labelled questions: ``split`` is ``tune`` or ``holdout`` (fixed before any tuning)."""
-    return [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in (data / "questions.jsonl").read_text().splitlines() if line.strip()]
