@@ -32,6 +32,7 @@ from edge_assistant.knowledge import (
     read_pdf,
     read_text,
     sentences_of,
+    sources_of,
 )
 from edge_assistant.messages import Passage, Request
 from edge_assistant.pipeline import handle
@@ -184,6 +185,7 @@ def test_answers_are_the_documents_own_sentences_with_their_source(kcfg: Knowled
     assert (reply.sources[0].document, reply.sources[0].location) == ("safety.pdf", "page 3")
     assert "nitrile" in reply.sources[0].excerpt
     assert reply.provenance["knowledge_sha256"] == rt.knowledge.digest  # type: ignore[union-attr]
+    assert reply.provenance["answer"] == "quote"
 
     steps = handle(rt, Request(text="How do I lock out the machine before maintenance?"))
     assert steps.text.startswith("Before any maintenance inside the enclosure")
@@ -193,6 +195,7 @@ def test_answers_are_the_documents_own_sentences_with_their_source(kcfg: Knowled
     row = handle(rt, Request(text="What does alarm 1030 mean?"))
     assert row.status == "ok" and row.text.startswith("1030 — Chip conveyor overload.")
     assert [(s.document, s.location) for s in row.sources] == [("alarms.csv", "row 18 (code 1030)")]
+    assert row.provenance["answer"] == "row"
     assert engine.calls == []  # answered in the documents' words, without the model
 
     none = handle(rt, Request(text="What does alarm 9999 mean?", id="n"))
@@ -307,7 +310,7 @@ def test_what_kind_of_answer_a_question_asks_for(question: str, kind: str) -> No
      "Clean the tapers with a lint-free cloth every week (use No. 2 cleaner).", "manual.md"),
     # "how do I": the steps after the sentence
     ("How do I lock out the machine?", {"lock": 1.0, "machine": 0.3},
-     "Before any work the machine must be locked out: 1. Turn the main switch QS1 to OFF. 2. Put your padlock on "
+     "Before any work the machine must be locked out:\n1. Turn the main switch QS1 to OFF.\n2. Put your padlock on "
      "QS1.", "safety.pdf"),
     # a row found by its words is quoted whole
     ("Why is the tool pocket not locked?", {"tool": 0.5, "pocket": 1.0, "locked": 1.0},
@@ -329,3 +332,24 @@ def test_the_sentences_that_answer_a_question(question: str, weights: dict[str, 
 ])
 def test_two_word_terms_of_a_question(question: str, phrases: list[str]) -> None:
     assert question_phrases(question) == phrases
+
+
+def test_a_tie_goes_to_the_manual_then_to_the_shorter_sentence() -> None:
+    row = Passage("alarms.csv", "row 14 (code 1012)", "code: 1012\nmessage: Way lube low\naction: Top up with ISO VG "
+                  "68 way oil", 0.0, 1.0, "words", "1012")
+    daily = Passage("manual.md", "section M > Daily checks", "M > Daily checks\nAt the start of each shift: check the "
+                    "way oil level, check the coolant, empty the chip bin.", 0.0, 1.0, "words")
+    lube = Passage("manual.md", "section M > Way lubrication", "M > Way lubrication\nUse ISO VG 68 way oil.", 0.0, 1.0,
+                   "words")
+    got = quote_answer("Which way oil does the machine use?", [row, daily, lube],
+                       {"oil": 1.0, "machine": 0.5, "way oil": 1.5})
+    assert got == ("Use ISO VG 68 way oil.", lube)
+
+
+def test_an_excerpt_shows_where_the_quoted_answer_stands() -> None:
+    long = Passage("manual.md", "section M > Coolant", "M > Coolant\n" + "Filler text about coolant. " * 12 +
+                   "The tank holds 180 litres.", 0.0, 1.0, "words")
+    (ref,) = sources_of([long], quoted="The tank holds 180 litres.")
+    assert ref.excerpt == "…The tank holds 180 litres." and ref.location == "section M > Coolant"
+    (plain,) = sources_of([long])
+    assert plain.excerpt.startswith("Filler text about coolant.")  # the heading path is the location, not text

@@ -618,11 +618,19 @@ def _quote(word: str) -> str:
 
 # -- answers -------------------------------------------------------------------------------------------------------
 
-def sources_of(passages: Sequence[Passage]) -> tuple[SourceRef, ...]:
-    """The citations of an answer: built from the retrieved passages, never from the model's text."""
+def sources_of(passages: Sequence[Passage], quoted: str = "") -> tuple[SourceRef, ...]:
+    """The citations of an answer: built from the retrieved passages, never from the model's text.
+
+    An excerpt leaves out a section's heading path (the location names it); the first passage's excerpt starts at
+    ``quoted`` (the answer taken from it) when that is further in than the excerpt reaches.
+    """
     out: list[SourceRef] = []
-    for p in passages:
-        excerpt = " ".join(p.text.split())
+    for n, p in enumerate(passages):
+        text = p.text.split("\n", 1)[-1] if p.location.startswith("section ") else p.text
+        excerpt = " ".join(text.split())
+        start = excerpt.find(" ".join(quoted.split()[:8])) if n == 0 and quoted else -1
+        if start > EXCERPT_CHARS // 2:
+            excerpt = "…" + excerpt[start:]
         if len(excerpt) > EXCERPT_CHARS:
             excerpt = excerpt[: EXCERPT_CHARS - 1].rsplit(" ", 1)[0] + "…"
         out.append(SourceRef(p.document, p.location, excerpt))
@@ -806,7 +814,7 @@ def quote_answer(question: str, passages: Sequence[Passage], weights: dict[str, 
         return (sum(v for w, v in wanted.items() if w in held) +
                 share * sum(v for w, v in wanted.items() if w in above and w not in held)) / total
 
-    best: tuple[float, int, int] | None = None
+    best: tuple[float, bool, int, int, int] | None = None
     chosen: list[Sentence] = []
     every: list[list[Sentence]] = [sentences_of(p, i) for i, p in enumerate(passages)]
     for group in every:
@@ -814,7 +822,9 @@ def quote_answer(question: str, passages: Sequence[Passage], weights: dict[str, 
             score = words_score(s)
             if score > 0 and _of_kind(s, kind):
                 score += KIND_BONUS
-            key = (round(score, 6), -s.passage, -s.position)
+            # On a tie, a manual's sentence before a table row (a question naming no row asks about the prose),
+            # then the shorter sentence (it says the same more directly).
+            key = (round(score, 6), not s.whole, -len(s.text), -s.passage, -s.position)
             if score > 0 and (best is None or key > best):
                 best, chosen = key, [s]
     if best is None:
@@ -837,7 +847,8 @@ def quote_answer(question: str, passages: Sequence[Passage], weights: dict[str, 
         nxt = after[0]
         if words_score(nxt) >= 0.5 * words_score(first) and len(first.text) + len(nxt.text) < QUOTE_CHARS:
             chosen.append(nxt)
-    text = " ".join(s.text for s in chosen)
+    # Steps keep a line each, as the document sets them out; sentences run on.
+    text = "".join(("\n" if LIST_ITEM.match(s.text) else " ") + s.text for s in chosen).strip()
     if len(text) > QUOTE_CHARS:
         text = text[: QUOTE_CHARS - 1].rsplit(" ", 1)[0] + "…"
     return text, passages[first.passage]

@@ -131,10 +131,10 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
             return _refuse(request, persona_name, persona.guard, verdict)
         passages: list[Passage] = []
         retrieval_ms: float | None = None
+        # A PLC alarm is looked up by its fields (code, tag, alarm text), not by the prompt built around them.
+        query = " ".join(request.lookup) if request.quoted and request.lookup else request.text
         if persona.knowledge.enabled and rt.knowledge is not None:
             t0 = time.monotonic()
-            # A PLC alarm is looked up by its fields (code, tag, alarm text), not by the prompt built around them.
-            query = " ".join(request.lookup) if request.quoted and request.lookup else request.text
             passages = rt.knowledge.retrieve(query, limit=persona.knowledge.passages, strict_ids=not request.quoted)
             retrieval_ms = round((time.monotonic() - t0) * 1000, 2)
         covered = bool(passages)  # the documents widen the domain: what they cover is on topic
@@ -160,14 +160,15 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
         if persona.adapter:
             sampling = replace(sampling, adapter=persona.adapter_path(config.model.directory()),
                                adapter_scale=persona.adapter_scale)
-        direct = None if as_json else _direct_answer(rt, persona, request, passages)
+        direct = None if as_json else _direct_answer(rt, persona, query, passages)
         if direct is not None:
-            text, cited = direct
+            text, cited, how = direct
             if on_text is not None:
                 on_text(text)
             usage = Usage(0, 0, "stop", 0.0, 0.0, 0.0, False, retrieval_ms)
             return Reply(id=request.id, status="ok", text=text, persona=persona_name, usage=usage,
-                         sources=sources_of(cited), provenance=rt.provenance(sampling))
+                         sources=sources_of(cited, quoted=text),
+                         provenance={**rt.provenance(sampling), "answer": how})
         gen, refused = _generate(rt, persona, request, passages, sampling, on_text, cancel, deadline, progress,
                                  relevance)
     except RequestError as exc:
@@ -217,21 +218,22 @@ def _parse_json(text: str, persona: PersonaConfig) -> tuple[Any, list[str]]:
     return data, validate(data, persona.grammar.schema)
 
 
-def _direct_answer(rt: Runtime, persona: PersonaConfig, request: Request, passages: list[Passage],
-                   ) -> tuple[str, list[Passage]] | None:
+def _direct_answer(rt: Runtime, persona: PersonaConfig, query: str, passages: list[Passage],
+                   ) -> tuple[str, list[Passage], str] | None:
     """An answer in the documents' own words, where the persona asks for one: the table row a question names by
-    its identifier, or the sentences that answer it; with the passages to cite, the quoted one first."""
+    its identifier (``row``), or the sentences that answer it (``quote``); with the passages to cite, the quoted
+    one first."""
     if not passages or rt.knowledge is None:
         return None
     if persona.knowledge.row_answers == "direct":
         row = answer_from_row(passages)
         if row is not None:
-            return row, [passages[0]]
+            return row, [passages[0]], "row"
     if persona.knowledge.prose_answers == "quote" and passages[0].matched != "identifier":
-        quoted = quote_answer(request.text, passages, rt.knowledge.weights(request.text))
+        quoted = quote_answer(query, passages, rt.knowledge.weights(query))
         if quoted is not None:
             text, passage = quoted
-            return text, [passage, *(p for p in passages if p is not passage)]
+            return text, [passage, *(p for p in passages if p is not passage)], "quote"
     return None
 
 
