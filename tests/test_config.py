@@ -38,6 +38,8 @@ def test_user_file_merges_over_defaults(tmp_path: Path) -> None:
     ("default_persona = 'nobody'\n", "default_persona: 'nobody' is not among the personas"),
     ("[mqtt]\nport = 70000\n", "mqtt.port: 70000 is not a TCP port"),
     ("[mqtt]\nprefix = 'plant/#'\n", "mqtt.prefix: must not contain"),
+    ("[mqtt]\nsupport_url = 'wiki.plant'\n", "mqtt.support_url: an http:// or https:// address"),
+    ("[personas.factory.knowledge]\nprose_answers = 'summary'\n", "personas.factory.knowledge.prose_answers: "),
     ("[model]\nsha256 = 'abc'\n", "model.sha256: must be 64 hexadecimal digits"),
     ("[profile]\nn_ctx = 'x'\n", "profile.n_ctx: expected an integer"),
     ("[personas.x]\ndescription = 'no prompt'\n", "personas.x.system_prompt: required key is missing"),

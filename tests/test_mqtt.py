@@ -27,7 +27,8 @@ pytestmark = pytest.mark.broker
 @pytest.fixture(scope="module")
 def shared_daemon(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """One daemon for the tests that only ask questions."""
-    yield from module_daemon(broker, tmp_path_factory, "dev1", "[limits]\nmax_payload_bytes = 4096\n")
+    yield from module_daemon(broker, tmp_path_factory, "dev1",
+                             'support_url = "https://wiki.plant.example/edge"\n[limits]\nmax_payload_bytes = 4096\n')
 
 
 def rr(broker: Broker, topic: str, payload: str, version: str = "5", extra: tuple[str, ...] = ()) -> dict[str, object]:
@@ -163,6 +164,7 @@ def test_home_assistant_discovery(broker: Broker, shared_daemon: DaemonProcess, 
     assert first.retain
     cfg = first.json()
     assert cfg["dev"]["ids"] == ["edge_assistant_dev1"] and cfg["o"]["name"] == "edge-assistant"
+    assert cfg["o"]["url"] == "https://wiki.plant.example/edge"  # the installation's support link
     cmps = cfg["cmps"]
     assert cmps["ask"]["p"] == "text" and cmps["ask"]["cmd_t"] == "edge/dev1/request"
     assert cmps["answer"]["p"] == "sensor" and cmps["answer"]["stat_t"] == "edge/dev1/answer"

@@ -214,3 +214,6 @@ def test_discovery_components_carry_their_own_qos_and_the_answer_its_sources() -
     assert numeric and all(c["stat_cla"] == "measurement" and c.get("icon") for c in numeric)
     assert cfg["cmps"]["ask"]["min"] == 1
     assert "value_json.sources" in cfg["cmps"]["answer"]["json_attr_tpl"]
+    assert "url" not in cfg["o"]  # no support link unless the installation has one
+    linked = discovery_payload(T, "dev1", "m.gguf", "x86-avx2", support_url="https://wiki.plant.example/edge")
+    assert linked["o"] == {"name": "edge-assistant", "sw": cfg["o"]["sw"], "url": "https://wiki.plant.example/edge"}

@@ -318,6 +318,9 @@ class MqttConfig:
     """Publish Home Assistant device discovery."""
     discovery_prefix: str = "homeassistant"
     """Home Assistant's discovery prefix."""
+    support_url: str = ""
+    """Where this installation's users get help (the plant's wiki, the integrator's page): shown in Home
+    Assistant's device info as the origin's support link; empty: none."""
     max_reply_bytes: int = 65536
     """Replies are cut to stay below this (and below the broker's maximum packet size)."""
 
@@ -330,6 +333,8 @@ class MqttConfig:
                 raise ValueError(f"{name}: must not contain '#', '+' or NUL")
         if not self.prefix:
             raise ValueError("prefix: must not be empty")
+        if self.support_url and not self.support_url.startswith(("http://", "https://")):
+            raise ValueError("support_url: an http:// or https:// address, or empty")
         if self.keepalive < 5 or self.health_interval_s <= 0 or self.max_reply_bytes < 1024:
             raise ValueError("keepalive: 5 or more; health_interval_s: more than 0; max_reply_bytes: 1024 or more")
 

@@ -14,9 +14,9 @@ def discovery_topic(discovery_prefix: str, device: str) -> str:
 
 
 def discovery_payload(topics: Topics, device: str, model: str, profile: str,
-                      temperature: bool = True) -> dict[str, Any]:
+                      temperature: bool = True, support_url: str = "") -> dict[str, Any]:
     """One device with a text entity to ask, the last answer, a busy flag and health sensors (a temperature
-    sensor only where the machine has one)."""
+    sensor only where the machine has one); the origin links to ``support_url`` when one is configured."""
     uid = f"edge_assistant_{device}"
 
     def health_sensor(name: str, key: str, unit: str | None = None, device_class: str | None = None,
@@ -52,10 +52,13 @@ def discovery_payload(topics: Topics, device: str, model: str, profile: str,
         cmps["temperature"] = health_sensor("Temperature", "temperature_c", "°C", "temperature")
     for cmp in cmps.values():  # Home Assistant does not pass a device-level qos on to the components
         cmp["qos"] = 1
+    origin: dict[str, Any] = {"name": "edge-assistant", "sw": __version__}
+    if support_url:
+        origin["url"] = support_url
     return {
         "dev": {"ids": [uid], "name": f"Edge assistant {device}", "mf": "edge-assistant", "mdl": model,
                 "sw": __version__, "hw": profile},
-        "o": {"name": "edge-assistant", "sw": __version__},
+        "o": origin,
         "avty_t": topics.status,
         "pl_avail": "online",
         "pl_not_avail": "offline",

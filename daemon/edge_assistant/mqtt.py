@@ -196,7 +196,7 @@ class MqttService:
         if not self.config.mqtt.discovery:
             return
         payload = discovery_payload(self.topics, self.config.device, self.model, self.profile,
-                                    temperature=has_temperature())
+                                    temperature=has_temperature(), support_url=self.config.mqtt.support_url)
         self.client.publish(discovery_topic(self.config.mqtt.discovery_prefix, self.config.device),
                             json.dumps(payload), qos=1, retain=True)
 
