@@ -12,9 +12,15 @@ filled by the indexer: a CSV row's identifier column, and identifier-like words 
 of three digits or more) anywhere.
 
 Retrieval: identifiers named in the question first (a question naming an identifier that no document has finds
-nothing: the documents do not cover it), then BM25 over the chunks. A chunk counts as covering the question when
+nothing: the documents do not cover it), then BM25 over the chunks, for the question's words and for its two-word
+terms where the documents hold them as written (``way oil``). A chunk counts as covering the question when
 it holds enough of the question's words, each weighted by its rarity in the documents (``min_coverage``): a
 question whose rare words are nowhere in the documents is not covered, whatever BM25 ranks first.
+
+Answers in the documents' own words: a question naming a table row by its identifier gets the row
+(``answer_from_row``); any other covered question gets the sentences of the retrieved passages that answer it
+(``quote_answer``), scored by the question's rare words and two-word terms, its heading's words, and whether they
+hold the kind of answer asked for (a number, an interval, the steps). Nothing is paraphrased.
 
 Indexing runs in one transaction: a kill in the middle leaves the previous index as it was. Files whose content
 hash is unchanged are not read again. A file that cannot be read is named in one log line and skipped.
