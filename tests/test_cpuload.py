@@ -85,6 +85,20 @@ def test_psutil_sampler_reads_this_machine() -> None:
     assert second.wall > first.wall and second.own > first.own and second.busy >= first.busy
 
 
+def test_a_tick_moving_from_idle_to_iowait_is_not_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may move time between idle and iowait; busy time read from the busy fields does not move."""
+    import collections
+
+    import psutil
+
+    Times = collections.namedtuple("Times", "user nice system idle iowait irq softirq steal guest guest_nice")
+    readings = iter([[Times(821.1, 0.3, 0.07, 5000.0, 12.33, 0.1, 0.2, 0.0, 0.0, 0.0)],
+                     [Times(821.1, 0.3, 0.07, 4999.99, 12.34, 0.1, 0.2, 0.0, 0.0, 0.0)]])
+    monkeypatch.setattr(psutil, "cpu_times", lambda percpu=False: next(readings))
+    sample = psutil_sampler([0])
+    assert sample().busy == sample().busy
+
+
 def test_changing_threads_between_tokens_keeps_the_answer(engine: Engine) -> None:
     """The real model answers byte for byte the same whether its thread count stays or changes at every token."""
     messages = [{"role": "system", "content": "You are a maintenance assistant."},

@@ -49,6 +49,10 @@ def others_busy(before: CpuSample, after: CpuSample) -> float:
     return max(0.0, ((after.busy - before.busy) - (after.own - before.own)) / wall)
 
 
+BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq", "steal")
+"""The fields of ``psutil.cpu_times`` in which a CPU worked (Linux names; absent ones count 0)."""
+
+
 def psutil_sampler(cpus: Sequence[int]) -> Callable[[], CpuSample]:
     """A reading of ``cpus`` and of this process, through psutil."""
     import psutil
@@ -61,8 +65,10 @@ def psutil_sampler(cpus: Sequence[int]) -> Callable[[], CpuSample]:
         busy = 0.0
         for index, t in enumerate(per_cpu):
             if not wanted or index in wanted:
-                busy += sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) \
-                    - getattr(t, "guest_nice", 0.0)  # guest time is already counted in user time
+                # The busy fields added up, not the total less idle and iowait: a tick moving between idle and
+                # iowait would otherwise show as float noise, sometimes below the previous reading. Guest time is
+                # already counted in user time.
+                busy += sum(getattr(t, name, 0.0) for name in BUSY_FIELDS)
         own = me.cpu_times()
         return CpuSample(time.monotonic(), busy, own.user + own.system)
 
