@@ -39,6 +39,7 @@ def test_user_file_merges_over_defaults(tmp_path: Path) -> None:
     ("[mqtt]\nport = 70000\n", "mqtt.port: 70000 is not a TCP port"),
     ("[mqtt]\nprefix = 'plant/#'\n", "mqtt.prefix: must not contain"),
     ("[mqtt]\nsupport_url = 'wiki.plant'\n", "mqtt.support_url: an http:// or https:// address"),
+    ("[mqtt]\nstream_window_ms = -1\n", "mqtt.stream_window_ms: 0 to 5000"),
     ("[personas.factory.knowledge]\nprose_answers = 'summary'\n", "personas.factory.knowledge.prose_answers: "),
     ("[model]\nsha256 = 'abc'\n", "model.sha256: must be 64 hexadecimal digits"),
     ("[profile]\nn_ctx = 'x'\n", "profile.n_ctx: expected an integer"),

@@ -25,9 +25,10 @@ REPLY = "edge/dev1/reply/t"
 
 
 class Rig:
-    def __init__(self) -> None:
+    def __init__(self, stream_window_ms: float = 0.0) -> None:
         self.engine = FakeEngine()
-        config = fake_config(device_id="dev1", mqtt={"enabled": True, "discovery": False},
+        config = fake_config(device_id="dev1", mqtt={"enabled": True, "discovery": False,
+                                                     "stream_window_ms": stream_window_ms},
                              plc=[{"topic": "plant/+/alarm"}])
         self.scheduler = Scheduler(fake_runtime(self.engine, config), queue_size=4)
         self.scheduler.start()
@@ -168,6 +169,21 @@ def test_streamed_chunks_then_final_with_seq(rig: Rig) -> None:
     chunks = [b for b in bodies if b["done"] is False]
     assert "".join(c["chunk"] for c in chunks) == bodies[-1]["text"]
     assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1)) and bodies[-1]["seq"] == len(chunks) + 1
+
+
+def test_streamed_pieces_are_joined_into_fewer_chunks_the_first_at_once() -> None:
+    """With a window longer than the whole answer, the first piece leaves alone and the rest in one chunk, before
+    the final reply; nothing is lost or reordered."""
+    rig = Rig(stream_window_ms=5000)
+    try:
+        rig.send('{"text": "one two three four", "id": "w", "stream": true}')
+        rig.wait_acks(1)
+        bodies = [json.loads(p.payload) for p in rig.client.on(REPLY)]
+        chunks = [b for b in bodies if b["done"] is False]
+        assert len(chunks) == 2 and chunks[0]["chunk"] == "A"  # the fake engine's first word
+        assert "".join(c["chunk"] for c in chunks) == bodies[-1]["text"] and bodies[-1]["seq"] == 3
+    finally:
+        rig.scheduler.stop(grace_s=1)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -217,3 +217,19 @@ def test_discovery_components_carry_their_own_qos_and_the_answer_its_sources() -
     assert "url" not in cfg["o"]  # no support link unless the installation has one
     linked = discovery_payload(T, "dev1", "m.gguf", "x86-avx2", support_url="https://wiki.plant.example/edge")
     assert linked["o"] == {"name": "edge-assistant", "sw": cfg["o"]["sw"], "url": "https://wiki.plant.example/edge"}
+
+
+def test_stream_pieces_coalesce_within_the_window() -> None:
+    from edge_assistant.protocol import Coalescer
+
+    now = [0.0]
+    c = Coalescer(0.05, clock=lambda: now[0])
+    sent = []
+    for t, piece in [(0.0, "The"), (0.01, " spindle"), (0.03, " stops"), (0.06, " at"), (0.07, " once"),
+                     (0.2, ".")]:
+        now[0] = t
+        sent.append(c.feed(piece))
+    assert sent == ["The", "", "", " spindle stops at", "", " once."]  # the first at once, then one per window
+    assert c.flush() == ""
+    c2 = Coalescer(0.0, clock=lambda: now[0])
+    assert [c2.feed(p) for p in ("a", "b", "c")] == ["a", "b", "c"]  # no window: every piece as it comes

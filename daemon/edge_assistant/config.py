@@ -323,6 +323,9 @@ class MqttConfig:
     Assistant's device info as the origin's support link; empty: none."""
     max_reply_bytes: int = 65536
     """Replies are cut to stay below this (and below the broker's maximum packet size)."""
+    stream_window_ms: float = 50.0
+    """A streamed answer's first piece leaves at once; later pieces are joined into one chunk per this many
+    milliseconds (0: every piece as it comes)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -333,6 +336,8 @@ class MqttConfig:
                 raise ValueError(f"{name}: must not contain '#', '+' or NUL")
         if not self.prefix:
             raise ValueError("prefix: must not be empty")
+        if not 0 <= self.stream_window_ms <= 5000:
+            raise ValueError("stream_window_ms: 0 to 5000")
         if self.support_url and not self.support_url.startswith(("http://", "https://")):
             raise ValueError("support_url: an http:// or https:// address, or empty")
         if self.keepalive < 5 or self.health_interval_s <= 0 or self.max_reply_bytes < 1024:

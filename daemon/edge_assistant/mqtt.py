@@ -285,15 +285,21 @@ class MqttService:
         A copy of a request still being answered is only acknowledged when the broker redelivered it (DUP); a
         client that asked the same again gets the reply too."""
         seq = 0
+        chunks = protocol.Coalescer(self.config.mqtt.stream_window_ms / 1000)
 
-        def on_text(piece: str) -> None:
+        def send_chunk(text: str) -> None:
             nonlocal seq
-            seq += 1
-            self.client.publish(inc.reply_topic, protocol.chunk_payload(inc.request.id, seq, piece), qos=1,
-                                properties=self._props(inc.correlation))
+            if text:
+                seq += 1
+                self.client.publish(inc.reply_topic, protocol.chunk_payload(inc.request.id, seq, text), qos=1,
+                                    properties=self._props(inc.correlation))
+
+        def on_text(piece: str) -> None:  # the inference thread, like deliver: no lock needed
+            send_chunk(chunks.feed(piece))
 
         def deliver(reply: Reply) -> None:
             try:
+                send_chunk(chunks.flush())  # what waited in the window goes before the final reply
                 if reply.error is not None and reply.error.code == ExpiredError.code:
                     log.warning("request %s expired (MQTT message expiry) before it was served; not answered",
                                 inc.request.id or "-")
