@@ -705,7 +705,7 @@ class Sentence:
     position: int
     """Its place in the passage."""
     opens_list: bool = False
-    """It ends with a colon and the lines after it are a list (steps, checks)."""
+    """It ends with a colon: it introduces what follows it (steps, checks)."""
     whole: str = ""
     """For a field of a table row: the whole row, which is the answer when this field is the best match."""
 
