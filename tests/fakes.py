@@ -20,9 +20,10 @@ class FakeEngine:
     backend = "fake"
     runtime = "fake 1.0"
 
-    def __init__(self, name: str = "A") -> None:
+    def __init__(self, name: str = "A", parallel: int = 1) -> None:
         self.sha256 = name * 64
         self.name = name
+        self.parallel = parallel
         self.calls: list[str] = []
         self.fail_on = ""
         self.gate: threading.Event | None = None

@@ -17,7 +17,7 @@ from edge_assistant.errors import (
     ModelMissingError,
     ModelTooLargeError,
 )
-from edge_assistant.models import COMPUTE_ALLOWANCE, MIB, choose, inspect, scan, verify
+from edge_assistant.models import COMPUTE_ALLOWANCE, MIB, choose, inspect, scan, slots, verify
 
 ORDER_X86 = ("Q4_K_M", "Q4_0", "Q4_1", "Q8_0")
 ORDER_ARM = ("Q4_0", "Q4_K_M", "Q4_1", "Q8_0")
@@ -62,6 +62,41 @@ def test_context_shrinks_before_giving_up(model_dir_with) -> None:  # type: igno
     choice = choose(infos, ORDER_X86, budget, 4096)
     assert choice.n_ctx == 512
     assert any("shrunk from 4096 to 512" in r for r in choice.reasons)
+
+
+@pytest.mark.parametrize(("parallel", "determinism", "quant", "offloaded", "expected", "invariant", "why"), [
+    (1, "invariant", "Q4_K_M", False, 1, True, "one request decoded at a time"),
+    (4, "invariant", "Q4_1", False, 4, True, "Q4_1 on the CPU decodes each answer the same"),
+    (4, "invariant", "Q8_0", False, 4, True, "a KV cache per slot"),
+    (4, "invariant", "Q4_K_M", False, 1, True, "1 slot, not 4: Q4_K_M was not shown"),
+    (4, "per-request", "Q4_K_M", False, 4, False, "determinism is per-request"),
+    (2, "invariant", "Q4_0", True, 1, True, "Q4_0 on the GPU was not shown"),
+    (2, "per-request", "Q4_0", True, 2, False, "per-request"),
+])
+def test_slots_only_where_answers_decoded_together_equal_answers_alone(
+        parallel: int, determinism: str, quant: str, offloaded: bool, expected: int, invariant: bool,
+        why: str) -> None:
+    n, inv, reason = slots(parallel, determinism, quant, offloaded)
+    assert (n, inv) == (expected, invariant)
+    assert why in reason
+
+
+def test_each_slot_s_kv_cache_counts_in_the_budget(model_dir_with) -> None:  # type: ignore[no-untyped-def]
+    infos, _ = scan(model_dir_with("Q4_1", "Q4_K_M"))
+    q41 = next(i for i in infos if i.quantization == "Q4_1")
+    budget = q41.size + 4 * q41.kv_bytes(2048) + COMPUTE_ALLOWANCE
+    four = choose(infos, ("Q4_1",), budget, 2048, parallel=4)
+    assert (four.parallel, four.n_ctx, four.invariant) == (4, 2048, True)
+    assert any("KV 4 x " in r for r in four.reasons)
+    eight = choose(infos, ("Q4_1",), budget, 2048, parallel=8)  # 8 caches fit only at half the context each
+    assert (eight.parallel, eight.n_ctx) == (8, 1024)
+    assert any("shrunk from 2048 to 1024" in r for r in eight.reasons)
+    # Q4_K_M keeps one slot (and so the whole budget for one context) unless determinism is per-request.
+    k = choose(infos, ("Q4_K_M",), BIG, 2048, parallel=4)
+    assert (k.info.quantization, k.parallel) == ("Q4_K_M", 1)
+    assert any("1 slot, not 4" in r for r in k.reasons)
+    k = choose(infos, ("Q4_K_M",), BIG, 2048, parallel=4, determinism="per-request")
+    assert (k.parallel, k.invariant) == (4, False)
 
 
 def test_nothing_fits_names_files_and_numbers(model_dir_with) -> None:  # type: ignore[no-untyped-def]

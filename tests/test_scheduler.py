@@ -255,6 +255,58 @@ def test_busy_and_depth_are_told_when_they_change(sched: Scheduler, engine: Fake
     assert (True, 0) in seen and seen[-1] == (False, 0)
 
 
+def _wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_slots_answer_that_many_requests_at_once_and_the_rest_wait() -> None:
+    engine = FakeEngine(parallel=3)
+    engine.gate = threading.Event()
+    s = Scheduler(fake_runtime(engine), queue_size=8)
+    s.start()
+    r = Replies()
+    for i in range(5):
+        s.submit(Request(text=f"q{i}", id=f"q{i}"), r.to(f"q{i}"))
+    assert _wait_for(lambda: len(engine.calls) == 3)
+    assert (s.active, s.depth, s.busy) == (3, 2, True)
+    assert sorted(t.name for t in threading.enumerate() if t.name.startswith("inference")) == [
+        "inference", "inference-2", "inference-3"]
+    s.cancel()  # every running request
+    engine.gate.set()
+    r.wait(*(f"q{i}" for i in range(5)))
+    errors = [r.one(f"q{i}").error for i in range(5)]
+    codes = [e.code if e else "ok" for e in errors]
+    assert codes.count("cancelled") == 3 and codes.count("ok") == 2
+    s.stop()
+
+
+def test_a_swap_waits_for_every_running_request() -> None:
+    a = FakeEngine("A", parallel=2)
+    a.gate = threading.Event()
+    s = Scheduler(fake_runtime(a), queue_size=8)
+    s.start()
+    r = Replies()
+    s.submit(Request(text="one"), r.to("one"))
+    s.submit(Request(text="two"), r.to("two"))
+    assert _wait_for(lambda: len(a.calls) == 2)
+    b = FakeEngine("B", parallel=4)
+    s.swap(fake_runtime(b))
+    s.submit(Request(text="three"), r.to("three"))
+    time.sleep(0.2)
+    assert "three" not in r.got and not a.closed  # a free worker does not start it on the old runtime
+    a.gate.set()
+    assert r.one("one").text.startswith("A echo") and r.one("two").text.startswith("A echo")
+    assert r.one("three").text.startswith("B echo")
+    assert _wait_for(lambda: a.closed)
+    assert len([t for t in threading.enumerate() if t.name.startswith("inference")]) >= 4  # workers for B's slots
+    s.stop()
+
+
 def test_many_threads_many_requests_each_answered_once() -> None:
     engine = FakeEngine()
     s = Scheduler(fake_runtime(engine), queue_size=1000)

@@ -60,7 +60,8 @@ def plan(config: Config, root: Path = Path("/"), voice: bool = False) -> Plan:
         if not infos:
             raise ModelMissingError(f"{directory}: no GGUF model. Run scripts/setup to fetch the default model, "
                                     "or set model.dir")
-    choice = choose(infos, settings.quant_order, budget, settings.n_ctx, config.model.min_ctx)
+    choice = choose(infos, settings.quant_order, budget, settings.n_ctx, config.model.min_ctx, settings.parallel,
+                    settings.determinism, offloaded=settings.n_gpu_layers != 0)
     return Plan(hw, settings, choice, tuple(unreadable))
 
 

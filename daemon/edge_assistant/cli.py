@@ -61,7 +61,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         print(f"  thermal:      {t.zone} {t.celsius:.1f} C")
     print(f"\nProfile: {settings.profile}")
     for key in ("n_threads", "n_threads_batch", "n_ctx", "n_batch", "n_ubatch", "n_gpu_layers", "use_mmap",
-                "use_mlock", "memory_share", "quant_order"):
+                "use_mlock", "memory_share", "quant_order", "parallel", "determinism"):
         print(f"  {key:<16} {settings.reasons[key]}")
     print(f"  why:             {settings.reasons['profile']}")
     return 0
@@ -92,7 +92,7 @@ def detect_json(hw: HardwareInfo, settings: Settings) -> dict[str, Any]:
             "n_threads": settings.n_threads, "n_threads_batch": settings.n_threads_batch, "n_ctx": settings.n_ctx,
             "n_batch": settings.n_batch, "n_ubatch": settings.n_ubatch, "n_gpu_layers": settings.n_gpu_layers,
             "use_mmap": settings.use_mmap, "use_mlock": settings.use_mlock, "memory_share": settings.memory_share,
-            "reasons": dict(settings.reasons),
+            "parallel": settings.parallel, "determinism": settings.determinism, "reasons": dict(settings.reasons),
         },
     }
 
@@ -108,6 +108,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         try:
             plan = app.plan(config)
             chosen: dict[str, Any] = {"file": plan.choice.info.path.name, "n_ctx": plan.choice.n_ctx,
+                                      "parallel": plan.choice.parallel, "invariant": plan.choice.invariant,
                                       "reasons": plan.choice.reasons, "rejected": plan.choice.rejected}
         except EdgeError as exc:
             chosen = {"error": {"code": exc.code, "message": exc.message}}
@@ -123,7 +124,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for line in bad:
         print(f"  unreadable: {line}")
     plan = app.plan(config)
-    print(f"\nChoice (profile {plan.settings.profile}): {plan.choice.info.path.name}, n_ctx {plan.choice.n_ctx}")
+    slots = f", {plan.choice.parallel} slots" if plan.choice.parallel > 1 else ""
+    print(f"\nChoice (profile {plan.settings.profile}): {plan.choice.info.path.name}, n_ctx {plan.choice.n_ctx}{slots}")
     for r in plan.choice.reasons:
         print(f"  - {r}")
     for r in plan.choice.rejected:

@@ -8,11 +8,16 @@ evaluated first. Either way the same arithmetic runs, so an answer never depends
 (llama-cpp-python's own prefix reuse splits prompts wherever the previous one ended; on CUDA that was seen to
 change answers, and evaluating the last token alone shifts logits.)
 
+With ``parallel`` slots (``ModelChoice.parallel`` above 1) generation goes to ``slots.SlotDecoder`` instead: its
+decode thread steps every running request together, each in a KV cache of its own, under the same rule (prefix from
+position 0, then the user's turn); callers on several threads wait only for their own tokens.
+
 Per request the engine also applies what the sampling names: a persona's LoRA adapter (loaded once beside the
 mapped model, switched on the context; the prefix cache is only reused under the adapter it was computed with), a
 GBNF grammar (a JSON reply's schema), and stop strings. Its thread counts follow the machine's load (``cpuload``).
 
-The engine is synchronous; the scheduler's inference thread is its only caller.
+The engine is synchronous. With one slot the scheduler's one request worker is its only caller; with several,
+each of the scheduler's request workers calls ``generate``, and only the slots' decode thread touches the context.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,8 @@ from .errors import ConfigError, ContextOverflowError, ModelCorruptError
 from .messages import FinishReason, Generation, Message, Sampling
 from .models import ModelChoice, sha256_file
 from .profiles import Settings
+from .slots import Sequence as SlotSequence
+from .slots import SlotDecoder
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +57,20 @@ class Engine:
         self.choice = choice
         self.settings = settings
         self.sha256 = sha256
-        self.n_ctx: int = int(llm.n_ctx())
+        self.parallel = choice.parallel
+        """Requests decoded together (slots); 1: one at a time on ``llm``'s own context."""
+        self.invariant = choice.invariant
+        """Whether an answer decoded beside others equals the same answer decoded alone."""
+        self._slots: SlotDecoder | None = None
+        if choice.parallel > 1:
+            import llama_cpp
+
+            threads = ContextThreads(governor, lambda n, nb: llama_cpp.llama_set_n_threads(self._slot_ctx, n, nb))
+            self._slots = SlotDecoder(llm, choice.parallel, choice.n_ctx, settings.n_batch, settings.n_ubatch,
+                                      _eog_check(llm), on_step=lambda ctx: threads.update())
+            self._slot_ctx = self._slots.ctx.ctx
+            log.info("%d slots of %d tokens each, decoded together", choice.parallel, choice.n_ctx)
+        self.n_ctx: int = choice.n_ctx if self._slots is not None else int(llm.n_ctx())
         self._formatter = _formatter(llm)
         self._prefix_formatter = _formatter(llm, add_generation_prompt=False)
         self._prefix_tokens: dict[tuple[tuple[str, str], ...], list[int]] = {}
@@ -72,12 +92,15 @@ class Engine:
 
         path = choice.info.path
         t0 = time.monotonic()
+        # With slots the Llama object holds the model, its tokenizer and template; the slots get a context of their
+        # own, so this one is kept small.
+        small = choice.parallel > 1
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path),
-                n_ctx=choice.n_ctx,
-                n_batch=settings.n_batch,
-                n_ubatch=settings.n_ubatch,
+                n_ctx=256 if small else choice.n_ctx,
+                n_batch=min(settings.n_batch, 256) if small else settings.n_batch,
+                n_ubatch=min(settings.n_ubatch, 256) if small else settings.n_ubatch,
                 n_threads=settings.n_threads,
                 n_threads_batch=settings.n_threads_batch,
                 n_gpu_layers=settings.n_gpu_layers,
@@ -98,6 +121,8 @@ class Engine:
         """Unmap the model and free its context (the engine is unusable afterwards)."""
         import llama_cpp
 
+        if self._slots is not None:
+            self._slots.close()
         with self._lock:
             if self._adapters:
                 llama_cpp.llama_set_adapters_lora(self._llm.ctx, None, 0, None)
@@ -112,6 +137,10 @@ class Engine:
         import llama_cpp
 
         out: dict[str, str] = {}
+        if files and self._slots is not None:
+            where = next(iter(files))
+            raise ConfigError(f"{where}: a LoRA adapter applies to every request decoded together; it needs "
+                              f"parallel = 1 (the model runs {self.parallel} slots)")
         with self._lock:
             for where, path in files.items():
                 if path not in self._adapters:
@@ -169,7 +198,10 @@ class Engine:
         max_tokens = min(sampling.max_tokens, room)
         with self._lock:
             prefix = self._prefix(messages, prompt)
-            return self._run(prompt, prefix, sampling, max_tokens, on_text, cancel, deadline)
+            if self._slots is None:
+                return self._run(prompt, prefix, sampling, max_tokens, on_text, cancel, deadline)
+            grammar = self._grammar(sampling.grammar)
+        return self._run_in_slot(prompt, prefix, sampling, grammar, max_tokens, on_text, cancel, deadline)
 
     def _prefix(self, messages: Sequence[Message], prompt: list[int]) -> list[int]:
         """Tokens of everything before the last message, if they are exactly the start of ``prompt``."""
@@ -204,6 +236,11 @@ class Engine:
         prompt = self.tokenize(self.render(messages))
         if len(prompt) >= self.n_ctx:
             raise ContextOverflowError(f"the prompt is {len(prompt)} tokens and the context holds {self.n_ctx}")
+        if self._slots is not None:
+            seq = SlotSequence(prompt, 0, {"temp": 0.0, "grammar": grammar}, seed, max(len(o) for o in options))
+            out = Collector(self._llm, StopText(()))
+            out.feed(self._slots.submit(seq), max(len(o) for o in options), None, None, None, self._eog)
+            return out.text().strip()
         with self._lock:
             self._threads.update(starting=True)
             self._use_adapter("", 1.0)  # the guard's question goes to the base model
@@ -233,57 +270,94 @@ class Engine:
             llm.reset()
             if n:
                 llm.eval(prefix)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pieces: list[str] = []
-        stops = StopText(sampling.stop)
-        count = 0
-        finish: FinishReason = "length"
-        first = 0.0
         gen = llm.generate(prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
                            temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty, reset=True,
                            grammar=self._grammar(sampling.grammar))
+        out = Collector(llm, StopText(sampling.stop), on_text)
         try:
-            for token in gen:
-                if not first:
-                    first = time.monotonic()
-                if self._eog(token):
-                    finish = "stop"
-                    break
-                count += 1
-                piece, stopped = stops.feed(decoder.decode(llm.detokenize([token], special=False)))
-                if piece:
-                    pieces.append(piece)
-                    if on_text is not None:
-                        on_text(piece)
-                if stopped:
-                    finish = "stop"
-                    break
-                if count >= max_tokens:
-                    break
-                if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
-                    break
-                if deadline is not None and time.monotonic() > deadline:
-                    finish = "timeout"
-                    break
-                self._threads.update()
+            out.feed(gen, max_tokens, cancel, deadline, self._threads.update, self._eog)
         finally:
             gen.close()
-        tail = "" if finish == "stop" and stops.stopped else stops.flush(decoder.decode(b"", final=True))
-        if tail:
-            pieces.append(tail)
-            if on_text is not None:
-                on_text(tail)
+        return out.generation(len(prompt), t0, cached)
+
+    def _run_in_slot(self, prompt: list[int], prefix: list[int], sampling: Sampling, grammar: Any, max_tokens: int,
+                     on_text: Callable[[str], None] | None, cancel: threading.Event | None,
+                     deadline: float | None) -> Generation:
+        assert self._slots is not None
+        if sampling.adapter:
+            raise ConfigError(f"the LoRA adapter {sampling.adapter} needs parallel = 1")
+        t0 = time.monotonic()
+        seq = SlotSequence(prompt, len(prefix), {
+            "top_k": sampling.top_k, "top_p": sampling.top_p, "min_p": sampling.min_p, "temp": sampling.temperature,
+            "repeat_penalty": sampling.repeat_penalty, "grammar": grammar},
+            sampling.seed, max_tokens)
+        tokens = self._slots.submit(seq)
+        out = Collector(self._llm, StopText(sampling.stop), on_text)
+        try:
+            out.feed(tokens, max_tokens, cancel, deadline, None, self._eog)
+        finally:
+            tokens.close()
+        return out.generation(len(prompt), t0, seq.prefix_cached)
+
+
+class Collector:
+    """Turns tokens into text as they come: UTF-8 pieces, stop strings, the finish reason, the first token's time."""
+
+    def __init__(self, llm: Any, stops: StopText, on_text: Callable[[str], None] | None = None) -> None:
+        self._llm = llm
+        self._stops = stops
+        self._on_text = on_text
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pieces: list[str] = []
+        self.count = 0
+        self.finish: FinishReason = "length"
+        self.first = 0.0
+
+    def feed(self, tokens: Iterator[int], max_tokens: int, cancel: threading.Event | None, deadline: float | None,
+             between: Callable[[], None] | None, is_eog: Callable[[int], bool]) -> None:
+        """Read ``tokens`` until the end of generation, a stop string, ``max_tokens``, ``cancel`` or ``deadline``;
+        ``between`` runs after each token."""
+        for token in tokens:
+            if not self.first:
+                self.first = time.monotonic()
+            if is_eog(token):
+                self.finish = "stop"
+                break
+            self.count += 1
+            piece, stopped = self._stops.feed(self._decoder.decode(self._llm.detokenize([token], special=False)))
+            self._emit(piece)
+            if stopped:
+                self.finish = "stop"
+                break
+            if self.count >= max_tokens:
+                break
+            if cancel is not None and cancel.is_set():
+                self.finish = "cancelled"
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                self.finish = "timeout"
+                break
+            if between is not None:
+                between()
+        stopped_here = self.finish == "stop" and self._stops.stopped
+        self._emit("" if stopped_here else self._stops.flush(self._decoder.decode(b"", final=True)))
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.pieces.append(piece)
+            if self._on_text is not None:
+                self._on_text(piece)
+
+    def text(self) -> str:
+        """Everything decoded so far."""
+        return "".join(self.pieces)
+
+    def generation(self, prompt_tokens: int, t0: float, prefix_cached: bool) -> Generation:
+        """The result, timed from ``t0``."""
         end = time.monotonic()
-        return Generation(
-            text="".join(pieces),
-            prompt_tokens=len(prompt),
-            completion_tokens=count,
-            finish_reason=finish,
-            first_token_ms=((first or end) - t0) * 1000,
-            total_ms=(end - t0) * 1000,
-            prefix_cached=cached,
-        )
+        return Generation(text=self.text(), prompt_tokens=prompt_tokens, completion_tokens=self.count,
+                          finish_reason=self.finish, first_token_ms=((self.first or end) - t0) * 1000,
+                          total_ms=(end - t0) * 1000, prefix_cached=prefix_cached)
 
 
 class StopText:

@@ -1,7 +1,8 @@
 """Model choice: scan a directory of GGUF files and pick the one the profile prefers that fits in memory.
 
 Pure apart from reading file headers: no weights are loaded. The memory estimate is the file size (the mapped
-weights) plus the KV cache at the chosen context plus a fixed allowance for compute buffers.
+weights) plus the KV cache at the chosen context (one per ``parallel`` slot) plus a fixed allowance for compute
+buffers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 COMPUTE_ALLOWANCE = 64 * MIB
 """Compute buffers and runtime overhead beyond weights and KV cache (an allowance, checked in benchmarks)."""
+BATCH_INVARIANT = frozenset({"Q4_0", "Q4_1", "Q8_0"})
+"""Quantizations whose answers decoded together (a KV cache per sequence) equalled the same answers decoded alone,
+token for token, on llama.cpp's CPU backend (``scripts/bench``, section ``parallel``). Q4_K_M did not."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +62,9 @@ class ModelInfo:
         head_dim = self.n_embd // max(1, self.n_head)
         return 2 * self.n_layer * n_ctx * self.n_head_kv * head_dim * 2
 
-    def memory_bytes(self, n_ctx: int) -> int:
-        """Estimated resident memory when loaded with context ``n_ctx``."""
-        return self.size + self.kv_bytes(n_ctx) + COMPUTE_ALLOWANCE
+    def memory_bytes(self, n_ctx: int, slots: int = 1) -> int:
+        """Estimated resident memory when loaded with context ``n_ctx`` for each of ``slots`` sequences."""
+        return self.size + self.kv_bytes(n_ctx * slots) + COMPUTE_ALLOWANCE
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,33 @@ class ModelChoice:
     info: ModelInfo
     """The chosen model."""
     n_ctx: int
-    """The context to load it with (possibly shrunk from the profile's)."""
+    """The context to load it with (possibly shrunk from the profile's), for each slot."""
     budget: int
     """The memory budget in bytes it was chosen under."""
     reasons: tuple[str, ...]
     """Why this file and this context."""
     rejected: tuple[str, ...]
     """Files passed over, each with why."""
+    parallel: int = 1
+    """Slots: requests decoded together, each with a KV cache of ``n_ctx`` (see ``slots``)."""
+    invariant: bool = True
+    """Whether answers decoded together equal the same answers decoded alone (always so with one slot)."""
+
+
+def slots(parallel: int, determinism: str, quantization: str, offloaded: bool) -> tuple[int, bool, str]:
+    """How many slots a model gets: ``parallel``, unless answers decoded together could differ from answers decoded
+    alone and ``determinism`` is ``invariant``; then one. Returns (slots, invariant, a sentence saying why)."""
+    if parallel <= 1:
+        return 1, True, "1 slot: one request decoded at a time"
+    measured = quantization.upper() in BATCH_INVARIANT and not offloaded
+    if measured:
+        return parallel, True, (f"{parallel} slots: {quantization} on the CPU decodes each answer the same alone or "
+                                "beside others (a KV cache per slot)")
+    why = (f"{quantization} on the GPU" if offloaded and quantization.upper() in BATCH_INVARIANT
+           else f"{quantization}") + " was not shown to decode answers beside others as it decodes them alone"
+    if determinism == "per-request":
+        return parallel, False, f"{parallel} slots: {why}, and determinism is per-request"
+    return 1, True, f"1 slot, not {parallel}: {why} (determinism = \"per-request\" allows it)"
 
 
 def quant_name(file_type: int | None, tensor_types: Counter[int]) -> str:
@@ -140,11 +164,12 @@ def scan(directory: Path) -> tuple[list[ModelInfo], list[str]]:
 
 
 def choose(infos: list[ModelInfo], quant_order: tuple[str, ...], budget: int, n_ctx: int,
-           min_ctx: int = 256) -> ModelChoice:
+           min_ctx: int = 256, parallel: int = 1, determinism: str = "invariant",
+           offloaded: bool = False) -> ModelChoice:
     """The first file in ``quant_order`` that fits ``budget``, shrinking ``n_ctx`` (down to ``min_ctx``) first.
 
     Among files of the same quantization the larger (more capable) model is tried first; quantizations not in
-    the order come last, smallest first.
+    the order come last, smallest first. Each file gets ``slots(parallel, ...)`` KV caches of ``n_ctx``.
     """
     if not infos:
         raise ModelMissingError("no GGUF model files to choose from")
@@ -157,24 +182,30 @@ def choose(infos: list[ModelInfo], quant_order: tuple[str, ...], budget: int, n_
     rejected: list[str] = []
     for info in sorted(infos, key=key):
         ctx = min(n_ctx, info.context_length)
+        n_slots, invariant, slots_why = slots(parallel, determinism, info.quantization, offloaded)
         while ctx >= min_ctx:
-            need = info.memory_bytes(ctx)
+            need = info.memory_bytes(ctx, n_slots)
             if need <= budget:
                 reasons = [f"{info.path.name}: {info.quantization} is "
                            + (f"#{rank[info.quantization.upper()] + 1} in the profile's order "
                               f"({', '.join(quant_order)})" if info.quantization.upper() in rank
                               else "not in the profile's order, but nothing preferred fits"),
                            f"needs {need / MIB:.0f} MiB (weights {info.size / MIB:.0f} + KV "
-                           f"{info.kv_bytes(ctx) / MIB:.0f} + {COMPUTE_ALLOWANCE / MIB:.0f} buffers) of a "
-                           f"{budget / MIB:.0f} MiB budget"]
+                           + (f"{info.kv_bytes(ctx) / MIB:.0f}" if n_slots == 1 else
+                              f"{n_slots} x {info.kv_bytes(ctx) / MIB:.0f}")
+                           + f" + {COMPUTE_ALLOWANCE / MIB:.0f} buffers) of a {budget / MIB:.0f} MiB budget"]
                 if ctx < min(n_ctx, info.context_length):
                     reasons.append(f"n_ctx shrunk from {min(n_ctx, info.context_length)} to {ctx} to fit")
                 elif ctx < n_ctx:
                     reasons.append(f"n_ctx {ctx}: the model's trained context (profile asks {n_ctx})")
-                return ModelChoice(info, ctx, budget, tuple(reasons), tuple(rejected))
+                if parallel > 1:
+                    reasons.append(slots_why)
+                return ModelChoice(info, ctx, budget, tuple(reasons), tuple(rejected), n_slots, invariant)
             ctx //= 2
-        rejected.append(f"{info.path.name} ({info.quantization}): needs {info.memory_bytes(min_ctx) / MIB:.0f} MiB "
-                        f"even at n_ctx {min_ctx}, budget {budget / MIB:.0f} MiB")
+        rejected.append(f"{info.path.name} ({info.quantization}): needs "
+                        f"{info.memory_bytes(min_ctx, n_slots) / MIB:.0f} MiB even at n_ctx {min_ctx}"
+                        + (f" in each of {n_slots} slots" if n_slots > 1 else "")
+                        + f", budget {budget / MIB:.0f} MiB")
     raise ModelTooLargeError("no model fits the memory budget: " + "; ".join(rejected))
 
 

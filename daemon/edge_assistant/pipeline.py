@@ -92,6 +92,8 @@ class Runtime:
             "backend": self.engine.backend,
             "runtime": self.engine.runtime,
             "profile": self.profile,
+            "parallel": int(getattr(self.engine, "parallel", 1)),
+            "determinism": "invariant" if getattr(self.engine, "invariant", True) else "per-request",
             "device": self.config.device,
             "seed": sampling.seed,
             "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(sampling).items()

@@ -22,6 +22,7 @@ from .tomlconf import build, load_toml
 log = logging.getLogger(__name__)
 
 ThreadPolicy = Literal["all", "big", "physical"]
+Determinism = Literal["invariant", "per-request"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,12 @@ class ProfileSettings:
     """Lock the model in RAM (needs ``LimitMEMLOCK``)."""
     memory_share: float = 0.6
     """Share of available memory the model (weights and KV cache) may take."""
+    parallel: int = 1
+    """Requests decoded together, each in a slot of its own (a KV cache of ``n_ctx`` each); 1: one at a time."""
+    determinism: Determinism = "invariant"
+    """``invariant``: answers decoded together must equal the same answers decoded alone, byte for byte, so
+    ``parallel`` above 1 is only used where that was measured to hold (``models.BATCH_INVARIANT``);
+    ``per-request``: allow it anyway (an answer may then depend on what else was decoded beside it)."""
 
     def __post_init__(self) -> None:
         if not self.quant_order:
@@ -110,7 +117,7 @@ class ProfileSettings:
                 raise ValueError(f"{name}: must be 0 or more")
         if self.max_threads_offloaded is not None and self.max_threads_offloaded < 1:
             raise ValueError("max_threads_offloaded: must be 1 or more")
-        for name in ("max_threads", "n_ctx", "n_batch", "n_ubatch"):
+        for name in ("max_threads", "n_ctx", "n_batch", "n_ubatch", "parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be 1 or more")
         if self.n_ubatch > self.n_batch:
@@ -165,6 +172,8 @@ class ProfileOverrides:
     use_mmap: bool | None = None
     use_mlock: bool | None = None
     memory_share: float | None = None
+    parallel: int | None = None
+    determinism: Determinism | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,10 @@ class Settings:
     """The CPUs the threads may run on (the affinity set); empty: all."""
     usable_cpus: int = 0
     """How many CPUs this process can keep busy (affinity, cgroup quota); 0: unknown, the thread plan stands."""
+    parallel: int = 1
+    """Slots asked for (the model choice may lower it to 1: ``models.slots``)."""
+    determinism: Determinism = "invariant"
+    """Whether answers decoded together must equal answers decoded alone (see ``ProfileSettings``)."""
 
 
 def default_profiles_dir() -> Path:
@@ -329,10 +342,16 @@ def resolve(profile: Profile, hw: HardwareInfo, overrides: ProfileOverrides | No
     else:
         gpu_what = "all layers" if n_gpu == -1 else f"{n_gpu} layers"
         reasons["n_gpu_layers"] = f"{n_gpu}: {gpu_what} on the GPU ({src['n_gpu_layers']}; {hw.cuda_reason})"
-    for key in ("quant_order", "n_ctx", "n_batch", "n_ubatch", "use_mmap", "use_mlock", "memory_share"):
+    for key in ("quant_order", "n_ctx", "n_batch", "n_ubatch", "use_mmap", "use_mlock", "memory_share", "parallel",
+                "determinism"):
         value = getattr(s, key)
         shown = ", ".join(value) if isinstance(value, tuple) else value
         reasons[key] = f"{shown}: {src[key]}"
+    if s.parallel > 1:
+        reasons["parallel"] += "; a KV cache of n_ctx for each slot counts in the memory budget"
+        reasons["parallel"] += ("; kept only for a model whose answers decoded together equal its answers decoded "
+                                "alone" if s.determinism == "invariant" else
+                                "; determinism is per-request: kept for any model")
     if s.use_mlock:
         reasons["use_mlock"] += " (needs LimitMEMLOCK=infinity under systemd)"
     return Settings(
@@ -350,4 +369,6 @@ def resolve(profile: Profile, hw: HardwareInfo, overrides: ProfileOverrides | No
         reasons=reasons,
         cpus=tuple(sorted(hw.affinity)),
         usable_cpus=0 if ov.n_threads is not None else hw.usable_cpus,
+        parallel=s.parallel,
+        determinism=s.determinism,
     )

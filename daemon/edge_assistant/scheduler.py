@@ -1,10 +1,12 @@
-"""The one owner of generation: the queue, the inference thread, cancel, busy and progress, and the runtime.
+"""The one owner of generation: the queue, the request workers, cancel, busy and progress, and the runtime.
 
 Threads and what they own:
 
-- **inference** (this module, one thread): the only caller of the engine. It takes the next job from the queue,
-  answers it through ``pipeline.handle`` with the current ``Runtime``, and calls the job's ``on_reply`` exactly
-  once. Between two jobs it swaps in a new runtime (a reload) and releases the old one.
+- **inference** (this module; with ``parallel`` slots, one per slot: ``inference``, ``inference-2``, ...): the only
+  callers of the engine. Each takes the next job from the queue, answers it through ``pipeline.handle`` with the
+  current ``Runtime``, and calls the job's ``on_reply`` exactly once. With several, the engine's decode thread
+  (``slots.py``) steps their generations together. A new runtime (a reload) is swapped in once every worker is
+  between two jobs, and the old one released.
 - **transports** (the paho network thread, the voice thread, the CLI) only ``submit``: they never touch the engine.
   ``on_text`` and ``on_reply`` callbacks run on the inference thread and must not block for long.
 - **reload** (``service``): builds a new runtime while this one serves, then hands it over with ``swap``; when
@@ -85,8 +87,8 @@ class Scheduler:
         self._closed = False
         self._pending: dict[str, Job] = {}
         self._stored: ReplyStore = store if store is not None else MemoryReplies()
-        self._current: Job | None = None
-        self._thread: threading.Thread | None = None
+        self._running: list[Job] = []
+        self._threads: list[threading.Thread] = []
         self._listeners: list[Callable[[], None]] = []
         self.last_progress = time.monotonic()
         """When generation last moved (a job started, or a piece of text came): the watchdog's measure."""
@@ -103,7 +105,12 @@ class Scheduler:
     @property
     def busy(self) -> bool:
         """Whether a job is being answered."""
-        return self._current is not None
+        return bool(self._running)
+
+    @property
+    def active(self) -> int:
+        """Jobs being answered now (at most the engine's ``parallel`` slots)."""
+        return len(self._running)
 
     @property
     def depth(self) -> int:
@@ -130,9 +137,16 @@ class Scheduler:
     # -- intake, from any thread -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the inference thread."""
-        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
-        self._thread.start()
+        """Start the request workers: one per slot of the runtime's engine."""
+        assert self._runtime is not None
+        self._add_workers(_slots(self._runtime))
+
+    def _add_workers(self, n: int) -> None:
+        while len(self._threads) < n:
+            name = "inference" if not self._threads else f"inference-{len(self._threads) + 1}"
+            thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def submit(self, request: Request, on_reply: ReplyFn, *, key: str = "", on_text: TextFn | None = None,
                priority: int = PRIORITY_CHAT, expires: float | None = None, owner: str = "",
@@ -197,13 +211,12 @@ class Scheduler:
         return box[0]
 
     def cancel(self, key: str = "") -> bool:
-        """Cancel the job with ``key`` (queued or running), or the running one when ``key`` is empty."""
+        """Cancel the job with ``key`` (queued or running), or every running one when ``key`` is empty."""
         with self._cond:
-            job = self._current if not key else self._pending.get(key)
-            if job is None:
-                return False
-            job.cancel.set()
-            return True
+            jobs = list(self._running) if not key else [self._pending[key]] if key in self._pending else []
+            for job in jobs:
+                job.cancel.set()
+            return bool(jobs)
 
     def withdraw(self, owner: str) -> list[Job]:
         """Take back the queued jobs of ``owner`` without answering them (a transport handing its requests over
@@ -222,18 +235,20 @@ class Scheduler:
     # -- runtime swaps, from the reload thread -----------------------------------------------------------------
 
     def swap(self, runtime: Runtime) -> None:
-        """Answer with ``runtime`` from the next job on; the old one is released once no job uses it."""
+        """Answer with ``runtime`` once the jobs running now have ended; the old one is released then."""
         with self._cond:
             self._next = runtime
             self._hold = False
             self._cond.notify_all()
+            if self._threads:
+                self._add_workers(_slots(runtime))
 
     def release(self, timeout: float | None = None) -> bool:
-        """Hold the queue, wait for the current job, and release the runtime (before a new model is mapped where
-        memory is short). Jobs wait until ``swap``. Returns False if the current job did not end in ``timeout``."""
+        """Hold the queue, wait for the running jobs, and release the runtime (before a new model is mapped where
+        memory is short). Jobs wait until ``swap``. Returns False if the running jobs did not end in ``timeout``."""
         with self._cond:
             self._hold = True
-            if not self._cond.wait_for(lambda: self._current is None, timeout):
+            if not self._cond.wait_for(lambda: not self._running, timeout):
                 self._hold = False
                 return False
             old, self._runtime = self._runtime, None
@@ -245,8 +260,8 @@ class Scheduler:
     # -- shutdown ----------------------------------------------------------------------------------------------
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """Refuse new jobs, answer queued ones ``shutting_down``, give the current one ``grace_s`` to finish
-        (then cancel it), and end the inference thread."""
+        """Refuse new jobs, answer queued ones ``shutting_down``, give the running ones ``grace_s`` to finish
+        (then cancel them), and end the request workers."""
         with self._cond:
             self._closed = True
             left = sorted(self._heap)
@@ -256,30 +271,34 @@ class Scheduler:
             self._finish(job, error_reply(job.request.id, ShuttingDownError.code,
                                           "the daemon is shutting down; the request was not served",
                                           job.request.persona))
-        if self._thread is not None:
-            self._thread.join(grace_s)
-            if self._thread.is_alive():
-                if self._current is not None:
-                    log.warning("the current generation did not finish within %.0f s: cancelling it", grace_s)
-                    self.cancel()
-                self._thread.join(10)
+        end = time.monotonic() + grace_s
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            if self._running:
+                log.warning("%d generation(s) did not finish within %.0f s: cancelling", len(self._running), grace_s)
+                self.cancel()
+            for thread in self._threads:
+                thread.join(10)
 
     # -- the inference thread ----------------------------------------------------------------------------------
 
     def _take(self) -> tuple[Job, Runtime] | None:
-        """The next job and the runtime to answer it with; swaps runtimes between jobs. None once closed."""
+        """The next job and the runtime to answer it with; swaps runtimes once no job runs. None once closed."""
         while True:
             with self._cond:
-                while self._next is None:
-                    if self._heap and not self._hold and self._runtime is not None:
+                while self._next is None or self._running:
+                    if (self._next is None and self._heap and not self._hold and self._runtime is not None
+                            and len(self._running) < _slots(self._runtime)):
                         job = heapq.heappop(self._heap)
-                        self._current = job
+                        self._running.append(job)
                         return job, self._runtime
                     if self._closed:
                         return None
                     self._cond.wait()
                 old, self._runtime, self._next = self._runtime, self._next, None
                 new = self._runtime
+                self._cond.notify_all()
             if old is not None:
                 log.info("runtime swapped between jobs; releasing what the new one does not use")
                 old.close(keep=new.resources)
@@ -294,7 +313,7 @@ class Scheduler:
             self.last_progress = time.monotonic()
             reply = self._answer(job, rt)
             with self._cond:
-                self._current = None
+                self._running.remove(job)
                 self._cond.notify_all()
             self.last_progress = time.monotonic()
             self._finish(job, reply)
@@ -335,6 +354,11 @@ class Scheduler:
         _deliver(job.on_reply, reply)
         for fn in joined:
             _deliver(fn, reply)
+
+
+def _slots(runtime: Runtime) -> int:
+    """How many jobs the runtime's engine decodes together."""
+    return max(1, int(getattr(runtime.engine, "parallel", 1)))
 
 
 def _deliver(fn: ReplyFn, reply: Reply) -> None:
