@@ -142,3 +142,26 @@ def test_a_quantization_not_shown_invariant_keeps_one_slot(quantized: dict[str, 
     finally:
         rt.close()
 
+
+
+def test_the_guard_s_embeddings_compute_on_the_decode_thread(slot_runtime: Runtime) -> None:
+    # llama.cpp's OpenMP threads form one team per calling thread: embeddings computed on the request workers
+    # slowed every later step of the decode thread, so they are handed to it.
+    engine = slot_runtime.engine
+    assert engine.run(lambda: threading.current_thread().name) == "decode"  # type: ignore[attr-defined]
+    with pytest.raises(ZeroDivisionError):
+        engine.run(lambda: 1 // 0)  # type: ignore[attr-defined]
+    assert slot_runtime.embedder is not None
+    seen: list[str] = []
+    original = slot_runtime.embedder._compute
+
+    def spy(text: str) -> object:
+        seen.append(threading.current_thread().name)
+        return original(text)
+
+    slot_runtime.embedder._compute = spy
+    try:
+        slot_runtime.embedder.embed(["a sentence about coolant pumps, never embedded before"])
+    finally:
+        del slot_runtime.embedder._compute
+    assert seen == ["decode"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import Config
 from .cpuload import ThreadGovernor
-from .engine import Engine, LlamaEmbedder
+from .engine import Engine, LlamaEmbedder, Runner
 from .errors import ModelCorruptError, ModelMissingError
 from .guard import Chooser, Relevance
 from .hardware import HardwareInfo, detect
@@ -72,7 +72,7 @@ def load(config: Config, the_plan: Plan) -> Runtime:
     engine = Engine.load(the_plan.choice, the_plan.settings, sha)
     embedder = None
     try:
-        embedder = load_embedder(config, the_plan, sha, engine.governor)
+        embedder = load_embedder(config, the_plan, sha, engine.governor, engine.run)
         return build_runtime(config, the_plan, engine, embedder, open_knowledge(config))
     except BaseException:  # a bad adapter or index: nothing of the half-built runtime stays mapped
         for part in (embedder, engine):
@@ -107,8 +107,8 @@ def open_knowledge(config: Config, reindex: bool = True) -> Retriever | None:
     return Retriever.open(config.knowledge)
 
 
-def load_embedder(config: Config, the_plan: Plan, sha256: str,
-                  governor: ThreadGovernor | None = None) -> LlamaEmbedder | None:
+def load_embedder(config: Config, the_plan: Plan, sha256: str, governor: ThreadGovernor | None = None,
+                  runner: Runner | None = None) -> LlamaEmbedder | None:
     """An embedding context on the chosen model, when a persona's guard uses embeddings.
 
     The guard examples' embeddings are kept beside the model, named by its SHA-256, so a restart does not
@@ -120,4 +120,4 @@ def load_embedder(config: Config, the_plan: Plan, sha256: str,
         return None
     path = the_plan.choice.info.path
     cache = path.with_name(f".{path.name}.{sha256[:16]}.embeddings.npz")
-    return LlamaEmbedder.load(str(path), the_plan.settings.n_threads, cache, governor)
+    return LlamaEmbedder.load(str(path), the_plan.settings.n_threads, cache, governor, runner)

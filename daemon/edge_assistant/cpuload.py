@@ -7,7 +7,8 @@ takes well under a second with 1 thread each. The profile plans the thread count
 again when they stop. The thread count does not change answers on the CPU backend (checked token by token in the
 tests), so this costs no determinism.
 
-The governor is used by the scheduler's inference thread only (through the engine and the embedder).
+The governor is called by whichever thread computes with llama.cpp: the request worker, or with parallel slots the
+decode thread (which then also runs the embeddings: ``slots.SlotDecoder.call``).
 """
 
 from __future__ import annotations
@@ -130,3 +131,4 @@ class ContextThreads:
         if wanted != self._applied:
             self._apply(*wanted)
             self._applied = wanted
+

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .cpuload import ContextThreads, ThreadGovernor, psutil_sampler
 from .errors import ConfigError, ContextOverflowError, ModelCorruptError
@@ -40,6 +41,10 @@ from .slots import Sequence as SlotSequence
 from .slots import SlotDecoder
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Runner = Callable[[Callable[[], Any]], Any]
+"""Runs a computation on the thread that computes with the model (``Engine.run``)."""
 
 MAX_EMBED_TOKENS = 128
 """The guard's relevance check embeds at most this many tokens of a request."""
@@ -130,6 +135,12 @@ class Engine:
                     llama_cpp.llama_adapter_lora_free(pointer)
                 self._adapters.clear()
             self._llm.close()
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the thread that computes with this model: the slots' decode thread, between two steps (one
+        thread, so llama.cpp's OpenMP threads stay one team: an embedding computed on another live thread slowed
+        every later step of the decode thread, 133 to 90 tokens/s in one test), else here."""
+        return self._slots.call(fn) if self._slots is not None else fn()
 
     def load_adapters(self, files: Mapping[str, str]) -> dict[str, str]:
         """Load the LoRA adapters ``files`` names (where they are configured -> file) beside the model, once each;
@@ -318,29 +329,36 @@ class Collector:
         """Read ``tokens`` until the end of generation, a stop string, ``max_tokens``, ``cancel`` or ``deadline``;
         ``between`` runs after each token."""
         for token in tokens:
-            if not self.first:
-                self.first = time.monotonic()
-            if is_eog(token):
-                self.finish = "stop"
-                break
-            self.count += 1
-            piece, stopped = self._stops.feed(self._decoder.decode(self._llm.detokenize([token], special=False)))
-            self._emit(piece)
-            if stopped:
-                self.finish = "stop"
-                break
-            if self.count >= max_tokens:
-                break
-            if cancel is not None and cancel.is_set():
-                self.finish = "cancelled"
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                self.finish = "timeout"
+            if not self._take(token, max_tokens, cancel, deadline, is_eog):
                 break
             if between is not None:
                 between()
         stopped_here = self.finish == "stop" and self._stops.stopped
         self._emit("" if stopped_here else self._stops.flush(self._decoder.decode(b"", final=True)))
+
+    def _take(self, token: int, max_tokens: int, cancel: threading.Event | None, deadline: float | None,
+              is_eog: Callable[[int], bool]) -> bool:
+        """Handle one token; False when generation ends here."""
+        if not self.first:
+            self.first = time.monotonic()
+        if is_eog(token):
+            self.finish = "stop"
+            return False
+        self.count += 1
+        piece, stopped = self._stops.feed(self._decoder.decode(self._llm.detokenize([token], special=False)))
+        self._emit(piece)
+        if stopped:
+            self.finish = "stop"
+            return False
+        if self.count >= max_tokens:
+            return False
+        if cancel is not None and cancel.is_set():
+            self.finish = "cancelled"
+            return False
+        if deadline is not None and time.monotonic() > deadline:
+            self.finish = "timeout"
+            return False
+        return True
 
     def _emit(self, piece: str) -> None:
         if piece:
@@ -394,8 +412,10 @@ class LlamaEmbedder:
     The weights are memory-mapped once by the kernel for both contexts; this one adds a 512-token KV cache.
     """
 
-    def __init__(self, llm: Any, cache: Path | None = None, governor: ThreadGovernor | None = None) -> None:
+    def __init__(self, llm: Any, cache: Path | None = None, governor: ThreadGovernor | None = None,
+                 runner: Runner | None = None) -> None:
         self._llm = llm
+        self._runner: Runner = runner or _call
         self._threads = ContextThreads(governor, _thread_setter(llm))
         self._lock = threading.Lock()
         self._cache_path = cache
@@ -411,10 +431,11 @@ class LlamaEmbedder:
 
     @classmethod
     def load(cls, path: str, n_threads: int, cache: Path | None = None,
-             governor: ThreadGovernor | None = None) -> LlamaEmbedder:
+             governor: ThreadGovernor | None = None, runner: Runner | None = None) -> LlamaEmbedder:
         """Open ``path`` for embeddings; ``cache`` keeps remembered embeddings across restarts.
 
-        ``governor`` (the engine's, planned with ``n_threads`` for both counts) lowers the threads under load.
+        ``governor`` (the engine's, planned with ``n_threads`` for both counts) lowers the threads under load;
+        ``runner`` (the engine's ``run``) runs each computation on the thread that computes with the model.
         """
         import llama_cpp
 
@@ -422,7 +443,7 @@ class LlamaEmbedder:
         # asking llama.cpp for mean pooling on such a model makes it print a warning on every load.
         llm = llama_cpp.Llama(model_path=path, embedding=True, n_ctx=512, n_batch=512, n_ubatch=512,
                               n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
-        return cls(llm, cache, governor)
+        return cls(llm, cache, governor, runner)
 
     def close(self) -> None:
         """Free the embedding context."""
@@ -446,10 +467,8 @@ class LlamaEmbedder:
             for text in texts:
                 vec = self._cache.get(text)
                 if vec is None:
-                    self._threads.update(starting=True)
                     try:
-                        out = np.asarray(self._llm.embed(self._head(text), normalize=False, truncate=True),
-                                         dtype=np.float32)
+                        out = np.asarray(self._runner(functools.partial(self._compute, text)), dtype=np.float32)
                         vec = out.mean(axis=0) if out.ndim == 2 else out
                         vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
                     except (RuntimeError, ValueError) as exc:  # llama_decode refused the batch: no vector
@@ -462,6 +481,10 @@ class LlamaEmbedder:
             if new and self._cache_path is not None:
                 self._save()
         return np.asarray(rows, dtype=np.float32)
+
+    def _compute(self, text: str) -> Any:
+        self._threads.update(starting=True)
+        return self._llm.embed(self._head(text), normalize=False, truncate=True)
 
     def _head(self, text: str) -> str:
         """``text`` cut to its first ``MAX_EMBED_TOKENS`` tokens."""
@@ -481,6 +504,10 @@ class LlamaEmbedder:
         except OSError as exc:  # a read-only or full disk: the vectors stay in memory, embedded again next start
             log.warning("cannot write the embedding cache %s: %s", self._cache_path, exc)
             tmp.unlink(missing_ok=True)
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    return fn()
 
 
 def _thread_setter(llm: Any) -> Callable[[int, int], None]:

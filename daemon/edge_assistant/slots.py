@@ -28,13 +28,19 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import EdgeError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+READER_WAIT_S = 0.5
+"""How long a step waits for a reader still handling the last token before it goes ahead anyway."""
 
 
 class DecodeError(EdgeError):
@@ -62,6 +68,8 @@ class Sequence:
     """Each sampled token; ``None`` at the end, or the error that ended it."""
     done: threading.Event = field(default_factory=threading.Event)
     """Set by the reader when it wants no more tokens (cancelled, a stop string, a deadline)."""
+    handled: int = 0
+    """Tokens the reader has handled (it asked for the next one), counted under the decoder's lock."""
     prefix_cached: bool = False
     """Whether the prefix's cells were already there (kept in the slot, or copied from another)."""
     slot: int = -1
@@ -69,6 +77,24 @@ class Sequence:
     produced: int = 0
     last: int = 0
     chain: Any = None
+
+
+@dataclass(eq=False)
+class _Call:
+    """A computation handed to the decode thread."""
+
+    fn: Callable[[], Any]
+    result: Any = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # noqa: BLE001 -- raised again in the caller's thread
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 class SlotDecoder:
@@ -100,6 +126,7 @@ class SlotDecoder:
         self._held: list[list[int]] = [[] for _ in range(n_slots)]  # the prefix each slot's cells hold
         self._busy: list[Sequence | None] = [None] * n_slots
         self._waiting: list[Sequence] = []
+        self._calls: list[_Call] = []
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
@@ -118,6 +145,22 @@ class SlotDecoder:
             self._cond.notify_all()
         return self._read(seq)
 
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the decode thread between two steps and return what it returns (or raise what it raised):
+        other llama.cpp work of this process (the guard's embeddings) computes on this one thread."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        job = _Call(fn)
+        with self._cond:
+            if self._closed:
+                raise DecodeError("the model is being released")
+            self._calls.append(job)
+            self._cond.notify_all()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[no-any-return]
+
     def _read(self, seq: Sequence) -> Generator[int, None, None]:
         try:
             while True:
@@ -127,6 +170,9 @@ class SlotDecoder:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                with self._cond:
+                    seq.handled += 1
+                    self._cond.notify_all()
         finally:
             seq.done.set()
             with self._cond:
@@ -151,11 +197,14 @@ class SlotDecoder:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._waiting and not self._any_running():
+                while not self._closed and not self._waiting and not self._calls and not self._any_running():
                     self._cond.wait()
                 if self._closed:
                     break
                 new, self._waiting = self._waiting, []
+                calls, self._calls = self._calls, []
+            for job in calls:
+                job.run()
             try:
                 for seq in new:
                     self._start(seq)
@@ -165,6 +214,9 @@ class SlotDecoder:
                 for seq in [s for s in self._busy if s is not None]:
                     seq.out.put(DecodeError(f"decoding failed: {exc}"))
                     self._drop(seq)
+        for job in self._calls:
+            job.error = DecodeError("the model was released")
+            job.done.set()
         gone = DecodeError("the model was released while this request was decoding")
         for seq in [*self._waiting, *(s for s in self._busy if s is not None)]:
             seq.out.put(gone)
@@ -234,6 +286,7 @@ class SlotDecoder:
         running = [s for s in self._busy if s is not None]
         if not running:
             return
+        self._wait_for_readers(running)
         self._batch.n_tokens = 0
         for seq in running:
             self._add(seq.last, seq.pos, seq.slot, True)
@@ -247,6 +300,24 @@ class SlotDecoder:
         for row, seq in enumerate(running):
             seq.pos += 1
             self._sampled(seq, seq.chain.sample(self.ctx, row))
+
+    def _wait_for_readers(self, running: list[Sequence]) -> None:
+        """Wait until every reader has handled its last token, running the calls they make meanwhile (a sentence's
+        embedding): on a small machine the readers' work (text, output checks, streaming) would otherwise run beside
+        llama.cpp's threads and slow every step. A reader slower than ``READER_WAIT_S`` is not waited for."""
+        end = time.monotonic() + READER_WAIT_S
+
+        def ready() -> bool:
+            return bool(self._calls) or all(s.done.is_set() or s.handled >= s.produced for s in running)
+
+        while True:
+            with self._cond:
+                self._cond.wait_for(ready, max(0.0, end - time.monotonic()))
+                calls, self._calls = self._calls, []
+            if not calls:
+                return
+            for job in calls:
+                job.run()
 
     def _sampled(self, seq: Sequence, token: int) -> None:
         seq.out.put(token)
