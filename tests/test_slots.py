@@ -165,3 +165,16 @@ def test_the_guard_s_embeddings_compute_on_the_decode_thread(slot_runtime: Runti
     finally:
         del slot_runtime.embedder._compute
     assert seen == ["decode"]
+
+
+def test_with_one_slot_a_start_up_embedding_computes_on_a_thread_that_ends(runtime: Runtime) -> None:
+    engine = runtime.engine
+    assert threading.current_thread() is threading.main_thread()
+    assert engine.run(lambda: threading.current_thread().name) == "compute"  # type: ignore[attr-defined]
+    names: list[str] = []
+    worker = threading.Thread(target=lambda: names.append(engine.run(  # type: ignore[attr-defined]
+        lambda: threading.current_thread().name)), name="inference")
+    worker.start()
+    worker.join()
+    assert names == ["inference"]  # the generating thread computes its own embeddings
+    assert not [t for t in threading.enumerate() if t.name == "compute"]

@@ -137,10 +137,19 @@ class Engine:
             self._llm.close()
 
     def run(self, fn: Callable[[], T]) -> T:
-        """``fn()`` on the thread that computes with this model: the slots' decode thread, between two steps (one
-        thread, so llama.cpp's OpenMP threads stay one team: an embedding computed on another live thread slowed
-        every later step of the decode thread, 133 to 90 tokens/s in one test), else here."""
-        return self._slots.call(fn) if self._slots is not None else fn()
+        """``fn()`` (an embedding) where it does not slow generation down.
+
+        llama.cpp's OpenMP threads form a team per calling thread, and a computation on a second thread that lives
+        on slowed every later step of the generating thread (133 to 90 tokens/s with slots; 115 to 55 with one
+        slot, after the main thread had embedded the guard's examples at start). With slots ``fn`` runs on the
+        decode thread between two steps; otherwise a call from the main thread (start-up) runs on a thread that
+        ends with it, and any other (the request worker, which generates) runs here.
+        """
+        if self._slots is not None:
+            return self._slots.call(fn)
+        if threading.current_thread() is threading.main_thread():
+            return _on_short_thread(fn)
+        return fn()
 
     def load_adapters(self, files: Mapping[str, str]) -> dict[str, str]:
         """Load the LoRA adapters ``files`` names (where they are configured -> file) beside the model, once each;
@@ -508,6 +517,25 @@ class LlamaEmbedder:
 
 def _call(fn: Callable[[], Any]) -> Any:
     return fn()
+
+
+def _on_short_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread of its own that ends when it returns."""
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 -- raised again in the caller
+            box.append((False, exc))
+
+    thread = threading.Thread(target=target, name="compute")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 def _thread_setter(llm: Any) -> Callable[[int, int], None]:
