@@ -268,14 +268,14 @@ def test_slots_answer_that_many_requests_at_once_and_the_rest_wait() -> None:
     engine = FakeEngine(parallel=3)
     engine.gate = threading.Event()
     s = Scheduler(fake_runtime(engine), queue_size=8)
+    before = set(threading.enumerate())
     s.start()
     r = Replies()
     for i in range(5):
         s.submit(Request(text=f"q{i}", id=f"q{i}"), r.to(f"q{i}"))
     assert _wait_for(lambda: len(engine.calls) == 3)
     assert (s.active, s.depth, s.busy) == (3, 2, True)
-    assert sorted(t.name for t in threading.enumerate() if t.name.startswith("inference")) == [
-        "inference", "inference-2", "inference-3"]
+    assert sorted(t.name for t in set(threading.enumerate()) - before) == ["inference", "inference-2", "inference-3"]
     s.cancel()  # every running request
     engine.gate.set()
     r.wait(*(f"q{i}" for i in range(5)))
@@ -289,6 +289,7 @@ def test_a_swap_waits_for_every_running_request() -> None:
     a = FakeEngine("A", parallel=2)
     a.gate = threading.Event()
     s = Scheduler(fake_runtime(a), queue_size=8)
+    before = set(threading.enumerate())
     s.start()
     r = Replies()
     s.submit(Request(text="one"), r.to("one"))
@@ -303,7 +304,7 @@ def test_a_swap_waits_for_every_running_request() -> None:
     assert r.one("one").text.startswith("A echo") and r.one("two").text.startswith("A echo")
     assert r.one("three").text.startswith("B echo")
     assert _wait_for(lambda: a.closed)
-    assert len([t for t in threading.enumerate() if t.name.startswith("inference")]) >= 4  # workers for B's slots
+    assert len(set(threading.enumerate()) - before) == 4  # workers for B's slots
     s.stop()
 
 

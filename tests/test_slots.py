@@ -178,3 +178,10 @@ def test_with_one_slot_a_start_up_embedding_computes_on_a_thread_that_ends(runti
     worker.join()
     assert names == ["inference"]  # the generating thread computes its own embeddings
     assert not [t for t in threading.enumerate() if t.name == "compute"]
+
+
+def test_a_lora_adapter_with_slots_is_a_clear_error(slot_runtime: Runtime) -> None:
+    from edge_assistant.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"personas\.factory\.adapter: .*needs parallel = 1 .*4 slots"):
+        slot_runtime.engine.load_adapters({"personas.factory.adapter": "adapter.gguf"})  # type: ignore[attr-defined]
