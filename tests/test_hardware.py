@@ -203,3 +203,16 @@ def test_detect_json_is_plain_and_stable(capsys: pytest.CaptureFixture[str]) -> 
     assert {c["kind"] for c in hw["cpus"]} == {"performance", "efficiency"}
     assert settings["n_threads"] == 8 and settings["quant_order"][0] == "Q4_K_M"
     assert "4 efficiency cores left out" in settings["reasons"]["n_threads"]
+
+
+def test_detect_shows_the_kv_caches_of_parallel_slots_in_the_budget(tmp_path: Path, model_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_assistant.cli import main
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'[model]\ndir = "{model_path.parent}"\n[profile]\nparallel = 4\n')
+    assert main(["detect", "--root", str(DEVICES / "rpi4"), "--config", str(config), "--log-level", "ERROR"]) == 0
+    out = capsys.readouterr().out
+    assert "parallel         4: config override; a KV cache of n_ctx for each slot counts" in out
+    assert "Model: SmolLM2-135M-Instruct.Q4_1.gguf, n_ctx 1024, 4 slots" in out
+    assert "KV 4 x 22 + 64 buffers) of a " in out

@@ -64,6 +64,15 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 "use_mlock", "memory_share", "quant_order", "parallel", "determinism"):
         print(f"  {key:<16} {settings.reasons[key]}")
     print(f"  why:             {settings.reasons['profile']}")
+    try:  # the model choice under this machine's memory budget, where a model directory is there to choose from
+        choice = app.plan(config, Path(args.root), voice=args.voice).choice
+    except EdgeError as exc:
+        print(f"\nModel: none chosen ({exc.message})")
+        return 0
+    slots = f", {choice.parallel} slots" if choice.parallel > 1 else ""
+    print(f"\nModel: {choice.info.path.name}, n_ctx {choice.n_ctx}{slots}")
+    for reason in choice.reasons[1:]:
+        print(f"  {reason}")
     return 0
 
 

@@ -231,7 +231,7 @@ class MqttService:
     def _control(self, payload: bytes) -> None:
         command = payload.decode("utf-8", errors="replace").strip().lower()
         if command == "cancel":
-            log.info("control: cancelling the current generation")
+            log.info("control: cancelling the running generation(s)")
             self.scheduler.cancel()
         elif command == "listen" and self.on_control is not None:
             log.info("control: push-to-talk")
