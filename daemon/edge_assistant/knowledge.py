@@ -504,6 +504,10 @@ class DocumentInfo:
     sha256: str
 
 
+RECENT_QUESTIONS = 8
+"""Questions whose word lookups a retriever keeps (concurrent requests each retrieve, then weigh)."""
+
+
 class Retriever:
     """Reads an index built by ``build_index``. Thread-safe (one connection under a lock)."""
 
@@ -514,6 +518,7 @@ class Retriever:
         self.min_coverage = min_coverage
         self._conn = _connect(path, readonly=True)
         self._lock = threading.Lock()
+        self._recent: dict[str, dict[str, set[int]]] = {}  # question -> its words' chunks: retrieval, then weights
         with self._lock:
             self.digest = _digest(self._conn)
             self.size = int(self._conn.execute("SELECT count(*) FROM chunks").fetchone()[0])
@@ -579,7 +584,10 @@ class Retriever:
             return self._idf(self._holders(question))
 
     def _holders(self, question: str) -> dict[str, set[int]]:
-        """The question's content words and the chunks holding each (FTS5 matches stems)."""
+        """The question's content words and the chunks holding each (FTS5 matches stems); the last few questions'
+        are kept, since a quoted answer asks again for the weights of the question it just retrieved."""
+        if question in self._recent:
+            return self._recent[question]
         holders: dict[str, set[int]] = {}
         for w in question_words(question):
             holders[w] = self._match(w)
@@ -587,6 +595,9 @@ class Retriever:
             found = self._match(phrase)
             if found:
                 holders[phrase] = found
+        if len(self._recent) >= RECENT_QUESTIONS:
+            self._recent.pop(next(iter(self._recent)))
+        self._recent[question] = holders
         return holders
 
     def _match(self, term: str) -> set[int]:
