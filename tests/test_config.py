@@ -97,3 +97,19 @@ def test_config_and_log_level_accepted_after_the_command(tmp_path, capsys) -> No
     args = build_parser().parse_args(["knowledge", "search", "--config", "x.toml", "--limit", "2", "coolant", "oil"])
     assert (args.config, args.limit, args.text) == ("x.toml", 2, ["coolant", "oil"])
     assert build_parser().parse_args(["--config", "y.toml", "run"]).config == "y.toml"
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("[profile]\nparallel = 0\n", "profile.parallel: must be 1 or more"),
+    ("[profile]\nn_ctx = 0\n", "profile.n_ctx: must be 1 or more"),
+    ("[profile]\nn_batch = 64\nn_ubatch = 128\n", "profile.n_ubatch: 128 is larger than n_batch 64"),
+    ("[profile]\ndeterminism = 'loose'\n", "profile.determinism: must be one of 'invariant', 'per-request'"),
+])
+def test_a_profile_override_out_of_range_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           body: str, message: str) -> None:
+    from edge_assistant.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(body)
+    assert main(["detect", "--config", str(bad), "--log-level", "ERROR"]) == 78
+    assert message in capsys.readouterr().err

@@ -295,7 +295,10 @@ def resolve(profile: Profile, hw: HardwareInfo, overrides: ProfileOverrides | No
     ov = overrides or ProfileOverrides()
     s = profile.settings
     changed = {f.name: getattr(ov, f.name) for f in fields(ProfileSettings) if getattr(ov, f.name) is not None}
-    s = replace(s, **changed)  # re-validated in __post_init__
+    try:
+        s = replace(s, **changed)  # re-validated in __post_init__
+    except ValueError as exc:  # an override out of range: the message names the setting
+        raise ConfigError(f"profile.{exc}") from exc
     src = {k: ("config override" if k in changed else f"profile {profile.name}") for k in
            (f.name for f in fields(ProfileSettings))}
     reasons: dict[str, str] = {"profile": f"{profile.name}: {profile.description} ({why_profile or 'matched'})"}
