@@ -101,6 +101,7 @@ def test_config_and_log_level_accepted_after_the_command(tmp_path, capsys) -> No
 
 @pytest.mark.parametrize(("body", "message"), [
     ("[profile]\nparallel = 0\n", "profile.parallel: must be 1 or more"),
+    ("[profile]\nparallel = 1000\n", "profile.parallel: 1000 is more than the 256 slots llama.cpp decodes at once"),
     ("[profile]\nn_ctx = 0\n", "profile.n_ctx: must be 1 or more"),
     ("[profile]\nn_batch = 64\nn_ubatch = 128\n", "profile.n_ubatch: 128 is larger than n_batch 64"),
     ("[profile]\ndeterminism = 'loose'\n", "profile.determinism: must be one of 'invariant', 'per-request'"),

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 ThreadPolicy = Literal["all", "big", "physical"]
 Determinism = Literal["invariant", "per-request"]
 
+MAX_PARALLEL = 256
+"""llama.cpp's limit on sequences in one context (``llama_max_parallel_sequences``)."""
+
 
 @dataclass(frozen=True)
 class MatchRule:
@@ -120,6 +123,9 @@ class ProfileSettings:
         for name in ("max_threads", "n_ctx", "n_batch", "n_ubatch", "parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be 1 or more")
+        if self.parallel > MAX_PARALLEL:
+            raise ValueError(f"parallel: {self.parallel} is more than the {MAX_PARALLEL} slots llama.cpp decodes "
+                             "at once")
         if self.n_ubatch > self.n_batch:
             raise ValueError(f"n_ubatch: {self.n_ubatch} is larger than n_batch {self.n_batch}")
         if self.n_gpu_layers < -1:
