@@ -185,3 +185,21 @@ def test_a_lora_adapter_with_slots_is_a_clear_error(slot_runtime: Runtime) -> No
 
     with pytest.raises(ConfigError, match=r"personas\.factory\.adapter: .*needs parallel = 1 .*4 slots"):
         slot_runtime.engine.load_adapters({"personas.factory.adapter": "adapter.gguf"})  # type: ignore[attr-defined]
+
+
+def test_slots_that_cannot_be_allocated_are_a_clear_error(slot_config: Config) -> None:
+    from dataclasses import replace
+
+    import psutil
+
+    from edge_assistant.engine import Engine
+    from edge_assistant.errors import ModelTooLargeError
+
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
+        pytest.skip("the kernel grants any allocation here (overcommit_memory = 1): it would fail later, killed")
+    plan = app.plan(slot_config)
+    # 256 slots whose KV caches need four times this machine's memory: refused when llama.cpp allocates them.
+    per_slot = 4 * psutil.virtual_memory().total // (256 * plan.choice.info.kv_bytes(1))
+    n_ctx = (per_slot // 256 + 1) * 256
+    with pytest.raises(ModelTooLargeError, match=f"could not make a context of 256 slots of {n_ctx} tokens"):
+        Engine.load(replace(plan.choice, parallel=256, n_ctx=n_ctx), plan.settings, "0" * 64)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .cpuload import ContextThreads, ThreadGovernor, psutil_sampler
-from .errors import ConfigError, ContextOverflowError, ModelCorruptError
+from .errors import ConfigError, ContextOverflowError, ModelCorruptError, ModelTooLargeError
 from .messages import FinishReason, Generation, Message, Sampling
 from .models import ModelChoice, sha256_file
 from .profiles import Settings
@@ -71,8 +71,14 @@ class Engine:
             import llama_cpp
 
             threads = ContextThreads(governor, lambda n, nb: llama_cpp.llama_set_n_threads(self._slot_ctx, n, nb))
-            self._slots = SlotDecoder(llm, choice.parallel, choice.n_ctx, settings.n_batch, settings.n_ubatch,
-                                      _eog_check(llm), on_step=lambda ctx: threads.update())
+            try:
+                self._slots = SlotDecoder(llm, choice.parallel, choice.n_ctx, settings.n_batch, settings.n_ubatch,
+                                          _eog_check(llm), on_step=lambda ctx: threads.update())
+            except ValueError as exc:  # llama.cpp could not allocate the context (its KV caches, its buffers)
+                llm.close()
+                raise ModelTooLargeError(f"{choice.info.path.name}: llama.cpp could not make a context of "
+                                         f"{choice.parallel} slots of {choice.n_ctx} tokens ({exc}); lower "
+                                         "profile.parallel or profile.n_ctx") from exc
             self._slot_ctx = self._slots.ctx.ctx
             log.info("%d slots of %d tokens each, decoded together", choice.parallel, choice.n_ctx)
         self.n_ctx: int = choice.n_ctx if self._slots is not None else int(llm.n_ctx())
