@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -233,6 +234,43 @@ def test_sighup_reloads_without_reloading_the_model(broker: Broker, tmp_path: Pa
     assert f"personas.qa.adapter: {bad} is not a LoRA adapter" in d.text()
     assert ask("qa", "kept")["status"] == "ok"
     d.stop()
+
+
+def test_sighup_to_parallel_slots_answers_at_once_with_the_same_bytes(broker: Broker, tmp_path: Path,
+                                                                      notify: NotifySocket, watcher: Client) -> None:
+    """A config that turns on slots reloads the model with them; requests sent together then get the answers the
+    same requests got one at a time before, byte for byte, and say so in their provenance."""
+    cfg = write_config(tmp_path / "c.toml", broker, "par1")
+    d = DaemonProcess(cfg, env={"NOTIFY_SOCKET": str(notify.path)})
+    d.start()
+    ready = notify.wait_for("READY=1")
+    watcher.subscribe("edge/par1/reply/#")
+    questions = ["What is a collet?", "How do I check the coolant concentration?", "The chip conveyor is jammed."]
+
+    def send(i: int, rid: str) -> None:
+        watcher.publish("edge/par1/request", json.dumps({"text": questions[i], "id": rid, "max_tokens": 24}),
+                        response_topic=f"edge/par1/reply/{rid}")
+
+    def reply(rid: str) -> dict[str, Any]:
+        return dict(watcher.wait_for(f"edge/par1/reply/{rid}", timeout=120)[0].json())
+
+    before = []
+    for i in range(3):
+        send(i, f"one{i}")
+        before.append(reply(f"one{i}"))
+    assert {r["provenance"]["parallel"] for r in before} == {1}
+    cfg.write_text(cfg.read_text().replace("[model]", "[profile]\nparallel = 3\n[model]"))
+    d.signal(signal.SIGHUP)
+    reloading = notify.wait_for("RELOADING=1", after=ready)
+    notify.wait_for("READY=1", after=reloading)
+    assert "3 slots of" in d.text()
+    for i in range(3):
+        send(i, f"three{i}")
+    after = [reply(f"three{i}") for i in range(3)]
+    d.stop()
+    assert all(r["status"] == "ok" for r in after), after
+    assert {r["provenance"]["parallel"] for r in after} == {3}
+    assert [r["text"] for r in after] == [r["text"] for r in before]
 
 
 def test_startup_errors_exit_with_their_code(tmp_path: Path, broker: Broker) -> None:
