@@ -131,4 +131,3 @@ class ContextThreads:
         if wanted != self._applied:
             self._apply(*wanted)
             self._applied = wanted
-

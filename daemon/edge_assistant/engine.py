@@ -37,8 +37,8 @@ from .errors import ConfigError, ContextOverflowError, ModelCorruptError, ModelT
 from .messages import FinishReason, Generation, Message, Sampling
 from .models import ModelChoice, sha256_file
 from .profiles import Settings
+from .slots import Call, SlotDecoder
 from .slots import Sequence as SlotSequence
-from .slots import SlotDecoder
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +262,11 @@ class Engine:
         prompt = self.tokenize(self.render(messages))
         if len(prompt) >= self.n_ctx:
             raise ContextOverflowError(f"the prompt is {len(prompt)} tokens and the context holds {self.n_ctx}")
+        longest = max(len(o) for o in options)
         if self._slots is not None:
-            seq = SlotSequence(prompt, 0, {"temp": 0.0, "grammar": grammar}, seed, max(len(o) for o in options))
+            seq = SlotSequence(prompt, 0, {"temp": 0.0, "grammar": grammar}, seed, longest)
             out = Collector(self._llm, StopText(()))
-            out.feed(self._slots.submit(seq), max(len(o) for o in options), None, None, None, self._eog)
+            out.feed(self._slots.submit(seq), longest, None, None, None, self._eog)
             return out.text().strip()
         with self._lock:
             self._threads.update(starting=True)
@@ -273,8 +274,7 @@ class Engine:
             self._kv_adapter = self._active
             self._llm.set_seed(seed)
             self._llm.reset()
-            out = self._llm.create_completion(prompt, max_tokens=max(len(o) for o in options), temperature=0.0,
-                                              grammar=grammar)
+            out = self._llm.create_completion(prompt, max_tokens=longest, temperature=0.0, grammar=grammar)
         return str(out["choices"][0]["text"]).strip()
 
     def _run(self, prompt: list[int], prefix: list[int], sampling: Sampling, max_tokens: int,
@@ -527,21 +527,11 @@ def _call(fn: Callable[[], Any]) -> Any:
 
 def _on_short_thread(fn: Callable[[], T]) -> T:
     """``fn()`` on a thread of its own that ends when it returns."""
-    box: list[Any] = []
-
-    def target() -> None:
-        try:
-            box.append((True, fn()))
-        except BaseException as exc:  # noqa: BLE001 -- raised again in the caller
-            box.append((False, exc))
-
-    thread = threading.Thread(target=target, name="compute")
+    job = Call(fn)
+    thread = threading.Thread(target=job.run, name="compute")
     thread.start()
     thread.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
+    return job.outcome()  # type: ignore[no-any-return]
 
 
 def _thread_setter(llm: Any) -> Callable[[int, int], None]:

@@ -294,7 +294,7 @@ class MqttService:
                 self.client.publish(inc.reply_topic, protocol.chunk_payload(inc.request.id, seq, text), qos=1,
                                     properties=self._props(inc.correlation))
 
-        def on_text(piece: str) -> None:  # the inference thread, like deliver: no lock needed
+        def on_text(piece: str) -> None:  # the request's worker thread, like deliver: no lock needed
             send_chunk(chunks.feed(piece))
 
         def deliver(reply: Reply) -> None:

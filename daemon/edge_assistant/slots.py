@@ -80,8 +80,8 @@ class Sequence:
 
 
 @dataclass(eq=False)
-class _Call:
-    """A computation handed to the decode thread."""
+class Call:
+    """A computation run on another thread, its result or error handed back to the caller."""
 
     fn: Callable[[], Any]
     result: Any = None
@@ -89,12 +89,20 @@ class _Call:
     done: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
+        """Run ``fn`` (on the thread that computes)."""
         try:
             self.result = self.fn()
         except BaseException as exc:  # noqa: BLE001 -- raised again in the caller's thread
             self.error = exc
         finally:
             self.done.set()
+
+    def outcome(self) -> Any:
+        """Wait for ``run``; what ``fn`` returned, or raise what it raised (in the caller's thread)."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class SlotDecoder:
@@ -126,7 +134,7 @@ class SlotDecoder:
         self._held: list[list[int]] = [[] for _ in range(n_slots)]  # the prefix each slot's cells hold
         self._busy: list[Sequence | None] = [None] * n_slots
         self._waiting: list[Sequence] = []
-        self._calls: list[_Call] = []
+        self._calls: list[Call] = []
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
@@ -150,16 +158,13 @@ class SlotDecoder:
         other llama.cpp work of this process (the guard's embeddings) computes on this one thread."""
         if threading.current_thread() is self._thread:
             return fn()
-        job = _Call(fn)
+        job = Call(fn)
         with self._cond:
             if self._closed:
                 raise DecodeError("the model is being released")
             self._calls.append(job)
             self._cond.notify_all()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result  # type: ignore[no-any-return]
+        return job.outcome()  # type: ignore[no-any-return]
 
     def _read(self, seq: Sequence) -> Generator[int, None, None]:
         try:
@@ -186,11 +191,6 @@ class SlotDecoder:
         self._thread.join()
         self._lc.llama_batch_free(self._batch)
         self.ctx.close()  # type: ignore[no-untyped-call]
-
-    @property
-    def active(self) -> int:
-        """Slots decoding now."""
-        return sum(s is not None for s in self._busy)
 
     # -- the decode thread -------------------------------------------------------------------------------------
 
@@ -228,9 +228,7 @@ class SlotDecoder:
     def _start(self, seq: Sequence) -> None:
         """Put ``seq`` in a free slot, bring its prompt into the slot's cells, and sample its first token."""
         lc = self._lc
-        for held in list(self._busy):
-            if held is not None and held.done.is_set():
-                self._finish(held)
+        self._reap()
         free = [k for k in range(self.n_slots) if self._busy[k] is None]
         if not free:  # more callers than slots: never so from the engine (workers == slots), kept safe anyway
             with self._cond:
@@ -280,9 +278,7 @@ class SlotDecoder:
 
     def _step(self) -> None:
         """One token for every running sequence, decoded together."""
-        for seq in list(self._busy):
-            if seq is not None and seq.done.is_set():
-                self._finish(seq)
+        self._reap()
         running = [s for s in self._busy if s is not None]
         if not running:
             return
@@ -300,6 +296,12 @@ class SlotDecoder:
         for row, seq in enumerate(running):
             seq.pos += 1
             self._sampled(seq, seq.chain.sample(self.ctx, row))
+
+    def _reap(self) -> None:
+        """Free the slots of sequences whose readers stopped reading (cancelled, a stop string, a deadline)."""
+        for seq in list(self._busy):
+            if seq is not None and seq.done.is_set():
+                self._finish(seq)
 
     def _wait_for_readers(self, running: list[Sequence]) -> None:
         """Wait until every reader has handled its last token, running the calls they make meanwhile (a sentence's
