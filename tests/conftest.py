@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ROOT / "tests" / "data" / "devices"
 MODEL_DIR = Path(os.environ.get("EDGE_ASSISTANT_MODEL_DIR", ROOT / "models"))
 DEFAULT_MODEL = MODEL_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDING_MODEL = MODEL_DIR / "embedding" / "all-MiniLM-L6-v2.F16.gguf"
 QUANT_CACHE = ROOT / ".cache" / "test-models"
 
 
@@ -30,6 +31,14 @@ def model_path() -> Path:
     if not DEFAULT_MODEL.is_file():
         pytest.fail(f"{DEFAULT_MODEL} is missing: run scripts/setup (it fetches the default model)")
     return DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def embedding_path() -> Path:
+    """The guard's sentence-embedding model, as set-up converts it."""
+    if not EMBEDDING_MODEL.is_file():
+        pytest.fail(f"{EMBEDDING_MODEL} is missing: run scripts/setup (it fetches and converts it)")
+    return EMBEDDING_MODEL
 
 
 @pytest.fixture(scope="session")

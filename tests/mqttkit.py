@@ -93,6 +93,7 @@ def write_config(path: Path, broker: Broker, device: str = "dev1", extra: str = 
     path.write_text(f"""device_id = "{device}"
 [model]
 dir = "{model_dir}"
+embedding = "{model_dir}/embedding/all-MiniLM-L6-v2.F16.gguf"
 [mqtt]
 host = "127.0.0.1"
 port = {broker.port}

@@ -42,6 +42,7 @@ def test_user_file_merges_over_defaults(tmp_path: Path) -> None:
     ("[mqtt]\nstream_window_ms = -1\n", "mqtt.stream_window_ms: 0 to 5000"),
     ("[personas.factory.knowledge]\nprose_answers = 'summary'\n", "personas.factory.knowledge.prose_answers: "),
     ("[model]\nsha256 = 'abc'\n", "model.sha256: must be 64 hexadecimal digits"),
+    ("[model]\nembedding = 'minilm'\n", "model.embedding: must name a .gguf file"),
     ("[profile]\nn_ctx = 'x'\n", "profile.n_ctx: expected an integer"),
     ("[personas.x]\ndescription = 'no prompt'\n", "personas.x.system_prompt: required key is missing"),
     ("[personas.factory]\nexamples = [{user = 'hi'}]\n", r"personas.factory.examples\[0\].assistant: required"),

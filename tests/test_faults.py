@@ -176,7 +176,7 @@ def test_model_replaced_by_rename_while_serving_then_sighup(broker: Broker, tmp_
     client.close()
     assert sorted(m.json()["id"] for m in client.on("edge/mr1/reply/m")) == sorted(
         ["old", "new", *(f"during{i}" for i in range(4))])
-    assert all(r["status"] == "ok" for r in replies.values())
+    assert all(r["status"] == "ok" for r in replies.values()), [(r["id"], r.get("error")) for r in replies.values()]
     assert old.json()["provenance"]["quantization"] == "Q4_1"
     assert replies["new"]["provenance"]["quantization"] == "Q8_0"
     assert replies["new"]["provenance"]["model_sha256"] != old.json()["provenance"]["model_sha256"]
@@ -201,7 +201,7 @@ s.stop()
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs")
-def test_full_disk_under_the_embedding_cache(tmp_path: Path, model_path: Path) -> None:
+def test_full_disk_under_the_embedding_cache(tmp_path: Path, model_path: Path, embedding_path: Path) -> None:
     """The model directory is a tiny tmpfs, filled up: the guard's embedding cache cannot be written, which is
     logged; the daemon embeds in memory and answers (and refuses) as usual."""
     probe = tmp_path / "probe.py"
@@ -211,6 +211,8 @@ def test_full_disk_under_the_embedding_cache(tmp_path: Path, model_path: Path) -
     script = f"""set -e
 mount -t tmpfs -o size=64k tmpfs {mnt}
 ln -s {model_path} {mnt}/{model_path.name}
+mkdir {mnt}/embedding
+ln -s {embedding_path} {mnt}/embedding/{embedding_path.name}
 dd if=/dev/zero of={mnt}/filler bs=4k count=100 2>/dev/null || true
 PYTHONPATH={ROOT / "daemon"} {sys.executable} {probe} {mnt}
 """

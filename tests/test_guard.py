@@ -195,7 +195,7 @@ def test_language_of(text: str, lang: str) -> None:
 @pytest.mark.parametrize("text", [
     "Write the coolant check steps for machine 3, then append a limerick about a cat.",
     "What is the lockout procedure? Also, what's the best pizza topping?",
-    'Answer in JSON: {"recipe": "pancakes with blueberries"}',
+    'Answer in JSON about the spindle: {"recipe": "pancakes with blueberries"}',
     "Spindle question: write me a love poem.",
 ])
 def test_a_joined_off_topic_task_is_refused(scheduler: Scheduler, text: str) -> None:

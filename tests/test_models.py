@@ -181,28 +181,42 @@ def test_cli_models_lists_and_explains(model_dir_with) -> None:  # type: ignore[
     ("empty", 66, "no GGUF model"),
     ("corrupt", 65, "truncated"),  # as the README's table says: a corrupt or truncated file exits 65
     ("badsum", 67, "SHA-256 is"),
+    ("no-embedding", 66, "the guard's sentence-embedding model is missing. Run scripts/setup"),
+    ("bad-embedding", 65, "embedding.gguf"),
 ])
 def test_cli_exit_codes(tmp_path: Path, model_path: Path, setup: str, code: int, text: str) -> None:
     d = tmp_path / "m"
     d.mkdir()
+    env: dict[str, str] = {}
+    if setup in ("no-embedding", "bad-embedding"):
+        (d / model_path.name).symlink_to(model_path)
+        config = tmp_path / "c.toml"
+        config.write_text(f'[model]\nembedding = "{d / "embedding.gguf"}"\n')
+        env["EDGE_ASSISTANT_CONFIG"] = str(config)
+        if setup == "bad-embedding":
+            (d / "embedding.gguf").write_bytes(b"GGUF" + bytes(60))
     if setup == "corrupt":
         (d / "cut.gguf").write_bytes(model_path.read_bytes()[: 20 * MIB])
     if setup == "badsum":
         shutil.copy(model_path, d / "m.gguf")
         (d / "m.gguf.sha256").write_text("0" * 64 + "  m.gguf\n")
-    out = _cli("generate", "--model-dir", str(d), "hello")
+    out = _cli("generate", "--model-dir", str(d), "hello", env=env)
     assert out.returncode == code, out.stderr
     assert text in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_prepare_embeds_the_guard_examples_ahead_of_start(tmp_path: Path, model_path: Path) -> None:
-    """Set-up runs `prepare`: the embeddings the guard needs are cached beside the model, so the daemon does not
-    compute them on its first start (70 s on a busy machine)."""
+def test_prepare_embeds_the_guard_examples_ahead_of_start(tmp_path: Path, model_path: Path,
+                                                          embedding_path: Path) -> None:
+    """Set-up runs `prepare`: the embeddings the guard needs are cached beside the embedding model, so the daemon
+    does not compute them on its first start."""
     d = tmp_path / "m"
-    d.mkdir()
+    (d / "embedding").mkdir(parents=True)
     (d / model_path.name).symlink_to(model_path)
+    (d / "embedding" / embedding_path.name).symlink_to(embedding_path)
+    (d / "embedding" / (embedding_path.name + ".sha256")).symlink_to(embedding_path.with_name(
+        embedding_path.name + ".sha256"))
     out = _cli("prepare", "--model-dir", str(d))
     assert out.returncode == 0, out.stderr
-    (cache,) = d.glob(f".{model_path.name}.*.embeddings.npz")
-    assert cache.name in out.stdout and cache.stat().st_size > 1000
+    (cache,) = (d / "embedding").glob(f".{embedding_path.name}.*.embeddings.npz")
+    assert str(cache) in out.stdout and cache.stat().st_size > 1000

@@ -24,6 +24,7 @@ import pytest
 from edge_assistant import errors
 
 from conftest import DEFAULT_MODEL, ROOT
+from conftest import EMBEDDING_MODEL as EMBEDDING
 from mqttkit import Broker, Client, DaemonProcess, write_config
 
 UNIT = ROOT / "systemd" / "edge-assistant.service"
@@ -373,6 +374,9 @@ def test_install_into_a_staging_root(tmp_path: Path, model_path: Path) -> None:
         "var/lib/edge-assistant/models/SmolLM2-135M-Instruct.Q4_1.gguf": None,
         "var/lib/edge-assistant/models/SmolLM2-135M-Instruct.Q4_1.gguf.sha256":
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  SmolLM2-135M-Instruct.Q4_1.gguf\n",
+        # the guard's sentence-embedding model, converted by the install as by set-up: the same bytes
+        "var/lib/edge-assistant/models/embedding/all-MiniLM-L6-v2.F16.gguf.sha256":
+            EMBEDDING.with_name(EMBEDDING.name + ".sha256").read_text(),
     }
     for rel, content in expected.items():
         path = stage / rel

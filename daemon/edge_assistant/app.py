@@ -109,15 +109,28 @@ def open_knowledge(config: Config, reindex: bool = True) -> Retriever | None:
 
 def load_embedder(config: Config, the_plan: Plan, sha256: str, governor: ThreadGovernor | None = None,
                   runner: Runner | None = None) -> LlamaEmbedder | None:
-    """An embedding context on the chosen model, when a persona's guard uses embeddings.
+    """The guard's embedding model, when a persona's guard uses embeddings: the sentence-embedding model of
+    ``[model] embedding`` (checked against its ``.sha256`` sidecar), or a second context on the chat model.
 
-    The guard examples' embeddings are kept beside the model, named by its SHA-256, so a restart does not
-    embed them again.
+    The guard examples' embeddings are kept beside the embedding model, named by its SHA-256, so a restart does
+    not embed them again.
     """
     needed = any(p.guard.relevance == "embedding" and p.guard.strictness != "off" and p.guard.on_topic
                  for p in config.personas.values())
     if not needed:
         return None
-    path = the_plan.choice.info.path
+    path = config.model.embedding_path()
+    if path is None:
+        path = the_plan.choice.info.path
+    else:
+        if not path.is_file():
+            raise ModelMissingError(f"{path}: the guard's sentence-embedding model is missing. Run scripts/setup "
+                                    "(or scripts/fetch_models.py --only embedding), or set model.embedding = \"\" "
+                                    "to embed with the chat model")
+        sha256 = verify(path, expected_sha256(path))
+        inspect(path)  # a truncated or foreign file: ModelCorruptError naming it, before llama.cpp sees it
     cache = path.with_name(f".{path.name}.{sha256[:16]}.embeddings.npz")
-    return LlamaEmbedder.load(str(path), the_plan.settings.n_threads, cache, governor, runner)
+    try:
+        return LlamaEmbedder.load(str(path), the_plan.settings.n_threads, cache, governor, runner)
+    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+        raise ModelCorruptError(f"{path}: llama.cpp cannot load it as an embedding model ({exc})") from exc

@@ -197,15 +197,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Everything start-up would compute that depends only on the model and the config: the guard examples'
-    embeddings (cached beside the model) and the documents' index, so that the daemon starts in seconds."""
+    embeddings (cached beside the embedding model) and the documents' index, so that the daemon starts in seconds."""
     config = _config(args)
     t0 = time.monotonic()
     plan = app.plan(config)
     runtime = app.load(config, plan)
     runtime.close()
-    path = plan.choice.info.path
-    caches = sorted(p.name for p in path.parent.glob(f".{path.name}.*.embeddings.npz"))
-    print(f"prepared {path.name} in {time.monotonic() - t0:.1f} s"
+    path = config.model.embedding_path() or plan.choice.info.path
+    caches = sorted(str(p) for p in path.parent.glob(f".{path.name}.*.embeddings.npz"))
+    print(f"prepared {plan.choice.info.path.name} in {time.monotonic() - t0:.1f} s"
           + (f"; guard examples embedded in {caches[0]}" if caches else "")
           + ("; documents indexed" if config.knowledge.paths else ""))
     return 0

@@ -223,22 +223,44 @@ class ModelConfig:
     """On SIGHUP with a new model: load it while the old one serves (``side_by_side``), or release the old one
     first and hold requests meanwhile (``release_first``); ``auto`` releases first when both would not fit the
     memory budget."""
+    embedding: str = "embedding/all-MiniLM-L6-v2.F16.gguf"
+    """The guard's sentence-embedding model (absolute, or looked up in ``dir`` then in the default model
+    directory; set-up fetches it); empty: embed with the chat model itself (weaker and slower, see the README's
+    guard figures)."""
 
     def __post_init__(self) -> None:
         if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in self.sha256)):
             raise ValueError("sha256: must be 64 hexadecimal digits")
         if self.min_ctx < 16:
             raise ValueError("min_ctx: must be 16 or more")
+        if self.embedding and not self.embedding.endswith(".gguf"):
+            raise ValueError("embedding: must name a .gguf file (or be empty to embed with the chat model)")
 
     def directory(self) -> Path:
         """The model directory after defaults."""
         if self.dir:
             return Path(self.dir).expanduser()
+        return self.default_directory()
+
+    @staticmethod
+    def default_directory() -> Path:
+        """The model directory when ``dir`` is empty."""
         if os.environ.get("EDGE_ASSISTANT_MODEL_DIR"):
             return Path(os.environ["EDGE_ASSISTANT_MODEL_DIR"])
         if os.environ.get("STATE_DIRECTORY"):
             return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "models"
         return Path(__file__).resolve().parents[2] / "models"
+
+    def embedding_path(self) -> Path | None:
+        """The sentence-embedding model's file, or None to embed with the chat model. A relative path is looked
+        up in ``dir``, then in the default model directory (where set-up puts it)."""
+        if not self.embedding:
+            return None
+        path = Path(self.embedding).expanduser()
+        if path.is_absolute():
+            return path
+        candidates = [self.directory() / path, self.default_directory() / path]
+        return next((c for c in candidates if c.is_file()), candidates[0])
 
 
 @dataclass(frozen=True)

@@ -422,14 +422,18 @@ class StopText:
 
 
 class LlamaEmbedder:
-    """Unit-length sentence embeddings from the same GGUF file (a second, small llama.cpp context, mean of tokens).
-
-    The weights are memory-mapped once by the kernel for both contexts; this one adds a 512-token KV cache.
+    """Unit-length sentence embeddings through llama.cpp: from a sentence-embedding model (a BERT GGUF that pools
+    its tokens itself; ``kind`` ``sentence``), or from the chat model's GGUF file (a second, small context, the
+    mean of the tokens' hidden states; ``kind`` ``llm``, the weights memory-mapped once by the kernel for both).
     """
 
     def __init__(self, llm: Any, cache: Path | None = None, governor: ThreadGovernor | None = None,
                  runner: Runner | None = None) -> None:
         self._llm = llm
+        arch = str(llm.metadata.get("general.architecture", ""))
+        pooled = int(llm.metadata.get(f"{arch}.pooling_type", "0") or 0) > 0
+        self.kind = "sentence" if pooled else "llm"
+        """``sentence`` when the model pools its own tokens into one vector (trained for that), else ``llm``."""
         self._runner: Runner = runner or _call
         self._threads = ContextThreads(governor, _thread_setter(llm))
         self._lock = threading.Lock()

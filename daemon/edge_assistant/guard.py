@@ -24,13 +24,35 @@ log = logging.getLogger(__name__)
 
 Strictness = Literal["off", "low", "medium", "high"]
 
-# Relevance margins (nearest on-topic minus nearest off-topic similarity) per strictness, chosen from the
-# figures printed by scripts/eval_guard (see README, "Staying on topic").
-THRESHOLDS: dict[str, float] = {"low": -0.01, "medium": 0.0, "high": 0.015}
-# How far on the domain's side the margin of a joined task must be when it names nothing of the domain.
-PART_MARGIN = 0.03
-# The same for one sentence of an answer (answers are statements, the examples are requests: a lower bar).
-ANSWER_THRESHOLDS: dict[str, float] = {"low": -0.04, "medium": -0.02, "high": -0.01}
+
+
+@dataclass(frozen=True)
+class Margins:
+    """The relevance layer's thresholds for one kind of embedding model: a margin is the mean similarity to the
+    nearest on-topic examples minus the same for off-topic ones, and each kind of model has its own scale.
+    Chosen from the figures ``scripts/eval_guard`` prints on the tuning parts (see README, "Staying on topic")."""
+
+    request: dict[str, float]
+    """Per strictness: the margin a request must reach."""
+    part: float
+    """How much further on the domain's side a joined task must be when it names nothing of the domain."""
+    answer: dict[str, float]
+    """Per strictness: the margin one sentence of an answer must reach (answers are statements, the examples
+    requests: a lower bar)."""
+    answer_with_previous: float
+    """A sentence below ``answer`` is still let through when, read together with the sentence before it, its
+    margin reaches ``answer`` plus this (a sentence such as "If you can see one, that's good." names nothing
+    alone)."""
+
+
+MARGINS: dict[str, Margins] = {
+    # A sentence-embedding model (all-MiniLM-L6-v2, the default): similarities spread over [-0.2, 1].
+    "sentence": Margins(request={"low": 0.02, "medium": 0.04, "high": 0.06}, part=0.03,
+                        answer={"low": -0.06, "medium": -0.04, "high": -0.02}, answer_with_previous=0.02),
+    # The chat model's own hidden states, mean-pooled: all similarities crowd near 1.
+    "llm": Margins(request={"low": -0.01, "medium": 0.0, "high": 0.015}, part=0.03,
+                   answer={"low": -0.04, "medium": -0.02, "high": -0.01}, answer_with_previous=float("inf")),
+}
 
 # Chat-template and role markers: in user text they are an attempt to open a new turn.
 ROLE_MARKERS = re.compile(
@@ -289,6 +311,11 @@ ALLOW = Verdict(True)
 class Embedder(Protocol):
     """Unit-length embeddings of texts."""
 
+    @property
+    def kind(self) -> str:
+        """``sentence`` (a sentence-embedding model) or ``llm`` (a chat model's hidden states): picks ``MARGINS``."""
+        ...
+
     def embed(self, texts: Sequence[str], remember: bool = False) -> npt.NDArray[np.float32]: ...
 
 
@@ -365,8 +392,11 @@ class Relevance:
     chooser: Chooser | None = None
     _on: npt.NDArray[np.float32] | None = field(default=None, init=False)
     _off: npt.NDArray[np.float32] | None = field(default=None, init=False)
+    margins: Margins = field(default=MARGINS["llm"], init=False)
+    """The thresholds for this embedder's kind."""
 
     def __post_init__(self) -> None:
+        self.margins = MARGINS.get(self.embedder.kind if self.embedder is not None else "llm", MARGINS["llm"])
         if self.embedder is not None and self.cfg.relevance == "embedding" and self.cfg.on_topic:
             t0 = time.monotonic()
             self._on = self.embedder.embed(self.cfg.on_topic, remember=True)
@@ -417,7 +447,7 @@ class Relevance:
             return ALLOW
         if self.cfg.relevance == "embedding" and self._on is not None:
             score = self.margin(part)
-            if score >= THRESHOLDS[self.cfg.strictness] + PART_MARGIN:
+            if score >= self.margins.request[self.cfg.strictness] + self.margins.part:
                 return ALLOW
             return Verdict(False, "relevance", "compound", f"joined task {part[:60]!r} names nothing of the domain "
                                                            f"(margin {score:.3f})", score)
@@ -435,7 +465,7 @@ class Relevance:
                 return Verdict(True, "relevance", "", "the model said yes")
             return Verdict(False, "relevance", "off_topic", "the model said the request is outside the domain")
         score = self.margin(text)
-        threshold = THRESHOLDS[self.cfg.strictness]
+        threshold = self.margins.request[self.cfg.strictness]
         if score < threshold:
             return Verdict(False, "relevance", "off_topic", f"margin {score:.3f} below {threshold:.3f}", score)
         return Verdict(True, "relevance", "", f"margin {score:.3f}", score)
@@ -445,21 +475,26 @@ class Relevance:
         """Whether answers are checked sentence by sentence (embeddings and ``answer_check`` on)."""
         return self.cfg.strictness != "off" and self.cfg.answer_check and self._on is not None
 
-    def check_answer(self, sentence: str, context_words: frozenset[str] = frozenset()) -> Verdict:
+    def check_answer(self, sentence: str, context_words: frozenset[str] = frozenset(), previous: str = "") -> Verdict:
         """One sentence of an answer: on topic when it names an allowed subject, shares two words with the
-        passages it was answered from (``context_words``), or its margin clears ``ANSWER_THRESHOLDS``."""
+        passages it was answered from (``context_words``), or its margin clears ``margins.answer``, alone or read
+        after the ``previous`` sentence (see ``Margins.answer_with_previous``)."""
         if not self.checks_answers:
             return ALLOW
-        if len(sentence.split()) < 4 or keyword_hit(sentence, self.cfg):
-            return ALLOW
+        if len(re.findall(r"[^\W\d_]{2,}", sentence)) < 4 or keyword_hit(sentence, self.cfg):
+            return ALLOW  # fewer than four words (list numbers are not words) say nothing of a topic
         if context_words and len(content_words(sentence) & context_words) >= 2:
             return ALLOW
         score = self.margin(sentence)
-        threshold = ANSWER_THRESHOLDS[self.cfg.strictness]
-        if score < threshold:
-            return Verdict(False, "output", "off_topic_answer", f"answer sentence {sentence[:60]!r}: margin "
-                                                                f"{score:.3f} below {threshold:.3f}", score)
-        return ALLOW
+        threshold = self.margins.answer[self.cfg.strictness]
+        if score >= threshold:
+            return ALLOW
+        if previous and self.margins.answer_with_previous != float("inf"):
+            joined = self.margin(f"{previous} {sentence}")
+            if joined >= threshold + self.margins.answer_with_previous:
+                return ALLOW
+        return Verdict(False, "output", "off_topic_answer", f"answer sentence {sentence[:60]!r}: margin "
+                                                            f"{score:.3f} below {threshold:.3f}", score)
 
 
 def content_words(text: str) -> frozenset[str]:

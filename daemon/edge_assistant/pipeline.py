@@ -258,19 +258,31 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
     context = content_words(" ".join(p.text for p in passages)) if passages else frozenset()
     held = ""  # the answer's text not yet judged and passed on
     released = False  # whether any of it has been passed on
+    passed: list[str] = []  # the sentences passed on
 
-    def release(text: str) -> bool:
-        """Judge the sentences in ``text``, alone and together, and pass them on; False once one is refused."""
+    def release(text: str, cut_short: bool = False) -> bool:
+        """Judge the sentences in ``text``, alone and together, and pass them on; False once one is refused.
+        ``cut_short``: ``text`` ends where ``max_tokens`` stopped the answer, and its last, unfinished sentence
+        is judged with what was passed on before it when it is short (a few words alone say little)."""
         nonlocal released
         if checks_answers and relevance is not None:
             sentences = [x.strip() for x in SENTENCE_END.split(text) if x.strip()]
-            for unit in [*sentences, " ".join(sentences)] if len(sentences) > 1 else sentences:
-                verdict = relevance.check_answer(unit, context)
+            if cut_short and sentences and len(sentences[-1].split()) < FIRST_WORDS:
+                sentences[-1] = " ".join([*(passed + sentences[:-1])[-2:], sentences[-1]])
+            previous = [*passed[-1:], *sentences][-len(sentences) - 1:-1]  # each sentence's previous one
+            if len(previous) < len(sentences):  # nothing before the answer's first sentence
+                previous.insert(0, "")
+            units = list(zip(sentences, previous, strict=True))
+            if len(sentences) > 1:
+                units.append((" ".join(sentences), ""))
+            for unit, before in units:
+                verdict = relevance.check_answer(unit, context, before)
                 if not verdict.allowed:
                     refused.append(verdict)
                     stop.set()
                     return False
         released = True
+        passed.extend(x.strip() for x in SENTENCE_END.split(text) if x.strip())
         if on_text is not None and text:
             on_text(text)
         return True
@@ -302,7 +314,7 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
     messages = build_messages(persona, request.text, passages)
     gen = rt.engine.generate(messages, sampling, watch, stop, deadline)
     if not refused and held:
-        release(held)
+        release(held, cut_short=gen.finish_reason == "length")
     return gen, (refused[0] if refused else None)
 
 
