@@ -75,7 +75,7 @@ INJECTION_MARKERS = re.compile("|".join([
     r"\b(system|initial|hidden|original)\s+(prompt|message|instructions?|configuration)\b",
     r"\byou\s+are\s+(now|no\s+longer)\b",
     r"\b(act|behave|roleplay|role-play)\s+as\b",
-    r"\bpretend\s+(you|to\s+be)\b",
+    r"\bpretend\s+(you|to\s+be)\b|\blet'?s\s+play\s+a\s+game\b",
     r"\b(developer|jailbreak|god|dan)\s+mode\b|\bjailbreak\b|\bDAN\b",
     r"\b(no|without)\s+(rules|restrictions|limits|filters)\b",
     # the assistant's own instructions, not "show me the instructions for the tool changer"
