@@ -432,8 +432,8 @@ class LlamaEmbedder:
         self._llm = llm
         arch = str(llm.metadata.get("general.architecture", ""))
         pooled = int(llm.metadata.get(f"{arch}.pooling_type", "0") or 0) > 0
+        # "sentence" when the model pools its own tokens into one vector (trained for that), else "llm".
         self.kind = "sentence" if pooled else "llm"
-        """``sentence`` when the model pools its own tokens into one vector (trained for that), else ``llm``."""
         self._runner: Runner = runner or _call
         self._threads = ContextThreads(governor, _thread_setter(llm))
         self._lock = threading.Lock()

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 Strictness = Literal["off", "low", "medium", "high"]
 
 
-
 @dataclass(frozen=True)
 class Margins:
     """The relevance layer's thresholds for one kind of embedding model: a margin is the mean similarity to the
@@ -39,10 +38,10 @@ class Margins:
     answer: dict[str, float]
     """Per strictness: the margin one sentence of an answer must reach (answers are statements, the examples
     requests: a lower bar)."""
-    answer_with_previous: float
+    answer_with_previous: float | None
     """A sentence below ``answer`` is still let through when, read together with the sentence before it, its
     margin reaches ``answer`` plus this (a sentence such as "If you can see one, that's good." names nothing
-    alone)."""
+    alone); None: every sentence is judged alone."""
 
 
 MARGINS: dict[str, Margins] = {
@@ -51,7 +50,7 @@ MARGINS: dict[str, Margins] = {
                         answer={"low": -0.06, "medium": -0.04, "high": -0.02}, answer_with_previous=0.02),
     # The chat model's own hidden states, mean-pooled: all similarities crowd near 1.
     "llm": Margins(request={"low": -0.01, "medium": 0.0, "high": 0.015}, part=0.03,
-                   answer={"low": -0.04, "medium": -0.02, "high": -0.01}, answer_with_previous=float("inf")),
+                   answer={"low": -0.04, "medium": -0.02, "high": -0.01}, answer_with_previous=None),
 }
 
 # Chat-template and role markers: in user text they are an attempt to open a new turn.
@@ -489,7 +488,7 @@ class Relevance:
         threshold = self.margins.answer[self.cfg.strictness]
         if score >= threshold:
             return ALLOW
-        if previous and self.margins.answer_with_previous != float("inf"):
+        if previous and self.margins.answer_with_previous is not None:
             joined = self.margin(f"{previous} {sentence}")
             if joined >= threshold + self.margins.answer_with_previous:
                 return ALLOW
