@@ -16,7 +16,7 @@ from edge_assistant.engine import Engine
 from edge_assistant.pipeline import Runtime
 from edge_assistant.scheduler import Scheduler
 
-from mqttkit import Broker, Client
+from mqttkit import Broker, Client, DaemonProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ROOT / "tests" / "data" / "devices"
@@ -127,3 +127,13 @@ def watcher(broker: Broker) -> Iterator[Client]:
     c = Client(broker)
     yield c
     c.close()
+
+
+@pytest.fixture(autouse=True)
+def stop_daemons_left_running() -> Iterator[None]:
+    """A test that fails half-way leaves no daemon process behind (it would hold its model and its port). Daemons
+    that serve a whole module were started before the test and stay."""
+    before = set(DaemonProcess.running)
+    yield
+    for daemon in DaemonProcess.running - before:
+        daemon.stop()

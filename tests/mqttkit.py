@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -107,7 +107,10 @@ health_interval_s = 1.0
 
 
 class DaemonProcess:
-    """``edge-assistant run`` as a real process."""
+    """``edge-assistant run`` as a real process. Every one started is stopped after its test at the latest
+    (``conftest.stop_daemons_left_running``), also when the test fails half-way."""
+
+    running: ClassVar[set[DaemonProcess]] = set()
 
     def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
@@ -123,6 +126,7 @@ class DaemonProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "edge_assistant.cli", "--config", str(self.config),
                                       "--log-level", "INFO", "run"], stdout=out, stderr=out, env=self.env,
                                      cwd=ROOT)
+        DaemonProcess.running.add(self)
         if wait_online is not None:
             wait_online.wait_for(f"edge/{device}/status", lambda m: m.payload == b"online" and not m.retain, 60,
                                  process=self)
@@ -137,6 +141,7 @@ class DaemonProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
+        DaemonProcess.running.discard(self)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
