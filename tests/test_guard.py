@@ -18,7 +18,7 @@ from edge_assistant.guard import (
 )
 from edge_assistant.messages import Request
 from edge_assistant.personas import build_messages
-from edge_assistant.pipeline import Runtime, handle
+from edge_assistant.pipeline import Runtime, handle, read_after
 from edge_assistant.scheduler import Scheduler
 
 FACTORY = load_config().personas["factory"].guard
@@ -225,8 +225,34 @@ def test_an_answer_drifting_off_topic_is_stopped_before_it_leaves(model_path) ->
         ok = handle(runtime, Request(text="How do I check the coolant concentration on machine 3?", max_tokens=80),
                     on_text=pieces.append)
         assert ok.status == "ok" and "".join(pieces).strip() == ok.text
+        # A long answer shaped as a list under headings (the model's own words, weak as they are) is not stopped:
+        # each item is read after its heading.
+        listed = handle(runtime, Request(text="Describe, step by step and in detail, the complete weekly maintenance "
+                                              "of a CNC lathe and its coolant system.", max_tokens=128))
+        assert listed.status == "ok" and "\n- " in listed.text, listed
     finally:
         runtime.close()
+
+
+def test_an_answer_sentence_is_read_after_the_one_before_it(runtime: Runtime) -> None:
+    rel = runtime.relevance["factory"]
+    before = "Check the coolant by looking at it, check if there is a hole in it."
+    assert not rel.check_answer("If you can see one, that's good.").allowed  # alone it names nothing
+    assert rel.check_answer("If you can see one, that's good.", previous=before).allowed
+    drift = rel.check_answer("Once upon a time a dragon lived with a princess in a tall castle.", previous=before)
+    assert not drift.allowed and drift.code == "off_topic_answer"
+
+
+@pytest.mark.parametrize(("before", "sentences", "after"), [
+    ([], ["Check the coolant.", "Then refill it."], ["", "Check the coolant."]),
+    (["Check the coolant."], ["It is blue."], ["Check the coolant."]),
+    ([], ["Weekly checks:", "- Clean the chip tray.", "- Grease the ways.", "Done."],
+     ["", "Weekly checks:", "Weekly checks:", "- Grease the ways."]),
+    (["Steps:", "1. Stop the spindle."], ["2. Open the door."], ["Steps:"]),
+    ([], ["- a line with no heading", "- another"], ["", "- a line with no heading"]),
+])
+def test_read_after(before: list[str], sentences: list[str], after: list[str]) -> None:
+    assert read_after(before, sentences) == after
 
 
 @pytest.mark.parametrize("text", [

@@ -39,15 +39,19 @@ class Margins:
     """Per strictness: the margin one sentence of an answer must reach (answers are statements, the examples
     requests: a lower bar)."""
     answer_with_previous: float | None
-    """A sentence below ``answer`` is still let through when, read together with the sentence before it, its
-    margin reaches ``answer`` plus this (a sentence such as "If you can see one, that's good." names nothing
-    alone); None: every sentence is judged alone."""
+    """A sentence below ``answer`` but not below ``answer_floor`` is still let through when, read together with
+    the sentence before it, its margin reaches ``answer`` plus this (a sentence such as "If you can see one,
+    that's good." names nothing alone); None: every sentence is judged alone."""
+    answer_floor: float = -1.0
+    """Below this a sentence is off topic whatever comes before it (a story, a joke, the weather after a
+    sentence about coolant)."""
 
 
 MARGINS: dict[str, Margins] = {
     # A sentence-embedding model (all-MiniLM-L6-v2, the default): similarities spread over [-0.2, 1].
     "sentence": Margins(request={"low": 0.02, "medium": 0.04, "high": 0.06}, part=0.03,
-                        answer={"low": -0.06, "medium": -0.04, "high": -0.02}, answer_with_previous=0.02),
+                        answer={"low": -0.06, "medium": -0.04, "high": -0.02}, answer_with_previous=0.02,
+                        answer_floor=-0.14),
     # The chat model's own hidden states, mean-pooled: all similarities crowd near 1.
     "llm": Margins(request={"low": -0.01, "medium": 0.0, "high": 0.015}, part=0.03,
                    answer={"low": -0.04, "medium": -0.02, "high": -0.01}, answer_with_previous=None),
@@ -488,7 +492,7 @@ class Relevance:
         threshold = self.margins.answer[self.cfg.strictness]
         if score >= threshold:
             return ALLOW
-        if previous and self.margins.answer_with_previous is not None:
+        if previous and self.margins.answer_with_previous is not None and score >= self.margins.answer_floor:
             joined = self.margin(f"{previous} {sentence}")
             if joined >= threshold + self.margins.answer_with_previous:
                 return ALLOW

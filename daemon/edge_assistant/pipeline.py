@@ -269,10 +269,7 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
             sentences = [x.strip() for x in SENTENCE_END.split(text) if x.strip()]
             if cut_short and sentences and len(sentences[-1].split()) < FIRST_WORDS:
                 sentences[-1] = " ".join([*(passed + sentences[:-1])[-2:], sentences[-1]])
-            previous = [*passed[-1:], *sentences][-len(sentences) - 1:-1]  # each sentence's previous one
-            if len(previous) < len(sentences):  # nothing before the answer's first sentence
-                previous.insert(0, "")
-            units = list(zip(sentences, previous, strict=True))
+            units = list(zip(sentences, read_after(passed, sentences), strict=True))
             if len(sentences) > 1:
                 units.append((" ".join(sentences), ""))
             for unit, before in units:
@@ -320,6 +317,25 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 """Where a held-back answer is cut into sentences to be judged."""
+LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]\s|\d{1,3}[.)](?:\s|$))")
+"""A line of a list: a bullet, or a number and a dot or parenthesis."""
+
+
+def read_after(before: list[str], sentences: list[str]) -> list[str]:
+    """For each of ``sentences`` (``before`` came earlier in the answer), the sentence it is read after when it
+    is judged with its context: the one before it, or for an item of a list the list's heading ("Weekly checks:")
+    that the item continues; ``""`` for the answer's first sentence."""
+    seq = [*before, *sentences]
+    out = []
+    for i in range(len(before), len(seq)):
+        j = i - 1
+        if LIST_ITEM.match(seq[i]):
+            while j >= 0 and LIST_ITEM.match(seq[j]):
+                j -= 1
+            if j < 0 or not seq[j].rstrip().endswith(":"):
+                j = i - 1
+        out.append(seq[j] if j >= 0 else "")
+    return out
 FIRST_WORDS = 12
 """Words an answer holds back before its first sentences are judged and streamed."""
 
