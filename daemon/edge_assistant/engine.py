@@ -437,7 +437,8 @@ class LlamaEmbedder:
         self._runner: Runner = runner or _call
         self._threads = ContextThreads(governor, _thread_setter(llm))
         self._lock = threading.Lock()
-        self._cache_path = cache
+        self.cache_path = cache
+        """Where remembered embeddings are kept across restarts (None: in memory only)."""
         self._cache: dict[str, Any] = {}
         if cache is not None and cache.is_file():
             import numpy as np
@@ -497,7 +498,7 @@ class LlamaEmbedder:
                         self._cache[text] = vec
                         new += 1
                 rows.append(vec)
-            if new and self._cache_path is not None:
+            if new and self.cache_path is not None:
                 self._save()
         return np.asarray(rows, dtype=np.float32)
 
@@ -515,13 +516,13 @@ class LlamaEmbedder:
     def _save(self) -> None:
         import numpy as np
 
-        assert self._cache_path is not None
-        tmp = self._cache_path.with_name(self._cache_path.name + ".tmp.npz")
+        assert self.cache_path is not None
+        tmp = self.cache_path.with_name(self.cache_path.name + ".tmp.npz")
         try:
             np.savez(tmp, texts=np.array(list(self._cache)), vectors=np.array(list(self._cache.values())))
-            tmp.replace(self._cache_path)
+            tmp.replace(self.cache_path)
         except OSError as exc:  # a read-only or full disk: the vectors stay in memory, embedded again next start
-            log.warning("cannot write the embedding cache %s: %s", self._cache_path, exc)
+            log.warning("cannot write the embedding cache %s: %s", self.cache_path, exc)
             tmp.unlink(missing_ok=True)
 
 

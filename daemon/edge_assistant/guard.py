@@ -395,17 +395,19 @@ class Relevance:
     chooser: Chooser | None = None
     _on: npt.NDArray[np.float32] | None = field(default=None, init=False)
     _off: npt.NDArray[np.float32] | None = field(default=None, init=False)
-    margins: Margins = field(default=MARGINS["llm"], init=False)
-    """The thresholds for this embedder's kind."""
 
     def __post_init__(self) -> None:
-        self.margins = MARGINS.get(self.embedder.kind if self.embedder is not None else "llm", MARGINS["llm"])
         if self.embedder is not None and self.cfg.relevance == "embedding" and self.cfg.on_topic:
             t0 = time.monotonic()
             self._on = self.embedder.embed(self.cfg.on_topic, remember=True)
             self._off = self.embedder.embed(self.cfg.off_topic, remember=True)
             log.info("relevance examples embedded (%d on, %d off) in %.0f ms", len(self.cfg.on_topic),
                      len(self.cfg.off_topic), (time.monotonic() - t0) * 1000)
+
+    @property
+    def margins(self) -> Margins:
+        """The thresholds for this embedder's kind."""
+        return MARGINS.get(self.embedder.kind if self.embedder is not None else "llm", MARGINS["llm"])
 
     @property
     def active(self) -> bool:

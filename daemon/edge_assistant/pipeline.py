@@ -265,8 +265,9 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
         ``cut_short``: ``text`` ends where ``max_tokens`` stopped the answer, and its last, unfinished sentence
         is judged with what was passed on before it when it is short (a few words alone say little)."""
         nonlocal released
+        pieces = [x.strip() for x in SENTENCE_END.split(text) if x.strip()]
         if checks_answers and relevance is not None:
-            sentences = [x.strip() for x in SENTENCE_END.split(text) if x.strip()]
+            sentences = list(pieces)
             if cut_short and sentences and len(sentences[-1].split()) < FIRST_WORDS:
                 sentences[-1] = " ".join([*(passed + sentences[:-1])[-2:], sentences[-1]])
             units = list(zip(sentences, read_after(passed, sentences), strict=True))
@@ -279,7 +280,7 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
                     stop.set()
                     return False
         released = True
-        passed.extend(x.strip() for x in SENTENCE_END.split(text) if x.strip())
+        passed.extend(pieces)
         if on_text is not None and text:
             on_text(text)
         return True
