@@ -15,7 +15,8 @@ from edge_assistant.pipeline import Runtime
 
 
 class FakeEngine:
-    """Answers ``echo: <question>`` word by word; can be told to fail, or to wait for a gate before answering."""
+    """Answers ``echo: <question>`` word by word, or ``answer`` where set; can be told to fail, or to wait for a
+    gate before answering."""
 
     backend = "fake"
     runtime = "fake 1.0"
@@ -26,6 +27,7 @@ class FakeEngine:
         self.parallel = parallel
         self.calls: list[str] = []
         self.fail_on = ""
+        self.answer: str | None = None
         self.gate: threading.Event | None = None
         self.started = threading.Event()
         self.closed = False
@@ -39,7 +41,7 @@ class FakeEngine:
             raise RuntimeError(f"injected failure on {question!r}")
         if self.gate is not None:
             self.gate.wait(10)
-        words = f"{self.name} echo: {question}".split(" ")
+        words = (self.answer if self.answer is not None else f"{self.name} echo: {question}").split(" ")
         out: list[str] = []
         finish = "stop"
         for i, w in enumerate(words[: sampling.max_tokens]):

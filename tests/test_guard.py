@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import pytest
 
@@ -20,6 +21,8 @@ from edge_assistant.messages import Request
 from edge_assistant.personas import build_messages
 from edge_assistant.pipeline import Runtime, handle, read_after
 from edge_assistant.scheduler import Scheduler
+
+from fakes import FakeEngine
 
 FACTORY = load_config().personas["factory"].guard
 
@@ -241,6 +244,44 @@ def test_an_answer_sentence_is_read_after_the_one_before_it(runtime: Runtime) ->
     assert rel.check_answer("If you can see one, that's good.", previous=before).allowed
     drift = rel.check_answer("Once upon a time a dragon lived with a princess in a tall castle.", previous=before)
     assert not drift.allowed and drift.code == "off_topic_answer"
+
+
+OPENING = "First week, start with a beginner's approach."
+"""An answer's opening that names nothing of the domain alone (the model's own, to a training question)."""
+STEPS = "Focus on the basics: check the chuck, the tool holders and the coolant before you start the spindle."
+
+
+def test_the_answers_opening_is_read_with_the_sentence_after_it(runtime: Runtime) -> None:
+    rel = runtime.relevance["factory"]
+    assert not rel.check_answer(OPENING).allowed
+    assert rel.check_answer(OPENING, following=STEPS).allowed
+    story = rel.check_answer("Once upon a time a dragon lived with a princess in a tall castle.",
+                             following="Every night she sang to the moon from the highest tower.")
+    assert not story.allowed and story.code == "off_topic_answer"
+
+
+@pytest.mark.parametrize(("answer", "first_piece", "status"), [
+    # the opening waits for the sentence after it, and both leave together
+    (f"{OPENING} {STEPS}", f"{OPENING} {STEPS}", "ok"),
+    # an opening on topic alone is not held back for the next one
+    (f"{STEPS} Then clean the chip tray.", STEPS, "ok"),
+    # an answer that is nothing but the opening is judged as it is
+    (OPENING, None, "refused"),
+    ("Once upon a time a dragon lived with a princess in a tall castle. Every night she sang to the moon from the "
+     "highest tower. Check the coolant.", None, "refused"),
+])
+def test_a_streamed_opening_waits_for_its_next_sentence_only_when_it_needs_it(
+        runtime: Runtime, answer: str, first_piece: str | None, status: str) -> None:
+    engine = FakeEngine()
+    engine.answer = answer
+    pieces: list[str] = []
+    reply = handle(replace(runtime, engine=engine), Request(text="How should I train a new operator on the lathe "
+                                                                 "during the first week?"), on_text=pieces.append)
+    assert reply.status == status, reply
+    if first_piece is None:
+        assert pieces == [] and reply.error is not None and reply.error.code == "off_topic_answer"
+    else:
+        assert pieces[0].strip() == first_piece and "".join(pieces).strip() == reply.text == answer
 
 
 @pytest.mark.parametrize(("before", "sentences", "after"), [

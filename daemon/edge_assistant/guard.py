@@ -41,7 +41,10 @@ class Margins:
     answer_with_previous: float | None
     """A sentence below ``answer`` but not below ``answer_floor`` is still let through when, read together with
     the sentence before it, its margin reaches ``answer`` plus this (a sentence such as "If you can see one,
-    that's good." names nothing alone); None: every sentence is judged alone."""
+    that's good." names nothing alone). The answer's opening sentence, which has none before it, is let through
+    when, read together with the sentence after it, it reaches what a request must (``request``), floor or not:
+    an opening such as "First week, start with a beginner's approach." is judged by what it opens. None: every
+    sentence is judged alone."""
     answer_floor: float = -1.0
     """Below this a sentence is off topic whatever comes before it (a story, a joke, the weather after a
     sentence about coolant)."""
@@ -480,10 +483,12 @@ class Relevance:
         """Whether answers are checked sentence by sentence (embeddings and ``answer_check`` on)."""
         return self.cfg.strictness != "off" and self.cfg.answer_check and self._on is not None
 
-    def check_answer(self, sentence: str, context_words: frozenset[str] = frozenset(), previous: str = "") -> Verdict:
+    def check_answer(self, sentence: str, context_words: frozenset[str] = frozenset(), previous: str = "",
+                     following: str = "") -> Verdict:
         """One sentence of an answer: on topic when it names an allowed subject, shares two words with the
-        passages it was answered from (``context_words``), or its margin clears ``margins.answer``, alone or read
-        after the ``previous`` sentence (see ``Margins.answer_with_previous``)."""
+        passages it was answered from (``context_words``), or its margin clears ``margins.answer``, alone, read
+        after the ``previous`` sentence, or, for the answer's opening sentence, read before the ``following`` one
+        (see ``Margins.answer_with_previous``)."""
         if not self.checks_answers:
             return ALLOW
         if len(re.findall(r"[^\W\d_]{2,}", sentence)) < 4 or keyword_hit(sentence, self.cfg):
@@ -498,6 +503,9 @@ class Relevance:
             joined = self.margin(f"{previous} {sentence}")
             if joined >= threshold + self.margins.answer_with_previous:
                 return ALLOW
+        if (following and not previous and self.margins.answer_with_previous is not None
+                and self.margin(f"{sentence} {following}") >= self.margins.request[self.cfg.strictness]):
+            return ALLOW
         return Verdict(False, "output", "off_topic_answer", f"answer sentence {sentence[:60]!r}: margin "
                                                             f"{score:.3f} below {threshold:.3f}", score)
 

@@ -259,22 +259,32 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
     held = ""  # the answer's text not yet judged and passed on
     released = False  # whether any of it has been passed on
     passed: list[str] = []  # the sentences passed on
+    waiting = False  # whether the opening sentence waits for the one after it
 
-    def release(text: str, cut_short: bool = False) -> bool:
-        """Judge the sentences in ``text``, alone and together, and pass them on; False once one is refused.
-        ``cut_short``: ``text`` ends where ``max_tokens`` stopped the answer, and its last, unfinished sentence
-        is judged with what was passed on before it when it is short (a few words alone say little)."""
+    def release(text: str, final: bool = False, cut_short: bool = False) -> bool | None:
+        """Judge the sentences in ``text``, alone and together, and pass them on: True once passed on, False once
+        one is refused, None when ``text`` is the answer's opening sentence alone, off topic by itself, and waits
+        to be read with the sentence after it. ``final``: the answer has ended. ``cut_short``: it ended where
+        ``max_tokens`` stopped it, and its last, unfinished sentence is judged with what was passed on before it
+        when it is short (a few words alone say little)."""
         nonlocal released
         pieces = [x.strip() for x in SENTENCE_END.split(text) if x.strip()]
         if checks_answers and relevance is not None:
             sentences = list(pieces)
             if cut_short and sentences and len(sentences[-1].split()) < FIRST_WORDS:
                 sentences[-1] = " ".join([*(passed + sentences[:-1])[-2:], sentences[-1]])
-            units = list(zip(sentences, read_after(passed, sentences), strict=True))
+            opening = not passed
+            if opening and len(sentences) == 1 and not final and not relevance.check_answer(sentences[0],
+                                                                                            context).allowed:
+                return None
+            # (sentence, the one it is read after, the one it is read before: only the opening has one)
+            units = [(unit, before, "") for unit, before in zip(sentences, read_after(passed, sentences), strict=True)]
             if len(sentences) > 1:
-                units.append((" ".join(sentences), ""))
-            for unit, before in units:
-                verdict = relevance.check_answer(unit, context, before)
+                if opening:
+                    units[0] = (sentences[0], "", sentences[1])
+                units.append((" ".join(sentences), "", ""))
+            for unit, before, after in units:
+                verdict = relevance.check_answer(unit, context, before, after)
                 if not verdict.allowed:
                     refused.append(verdict)
                     stop.set()
@@ -286,7 +296,7 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
         return True
 
     def watch(piece: str) -> None:
-        nonlocal held
+        nonlocal held, waiting
         if progress is not None:
             progress()
         seen.append(piece)
@@ -298,12 +308,17 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
         if checks_answers:
             held += piece
             ends = list(SENTENCE_END.finditer(held))
-            # The first release waits for FIRST_WORDS words: one short line says too little about its topic.
-            if ends and (released or len(held[: ends[-1].end()].split()) >= FIRST_WORDS):
+            # The first release waits for FIRST_WORDS words: one short line says too little about its topic; an
+            # opening sentence off topic alone waits for the next one.
+            if (ends and (released or len(held[: ends[-1].end()].split()) >= FIRST_WORDS)
+                    and not (waiting and len(ends) < 2)):
                 cut = ends[-1].end()
-                ready, held = held[:cut], held[cut:]
-                if not release(ready):
+                done = release(held[:cut])
+                if done is False:
                     return
+                waiting = done is None
+                if done:
+                    held = held[cut:]
         elif on_text is not None:
             on_text(piece)
         if cancel is not None and cancel.is_set():
@@ -312,7 +327,7 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
     messages = build_messages(persona, request.text, passages)
     gen = rt.engine.generate(messages, sampling, watch, stop, deadline)
     if not refused and held:
-        release(held, cut_short=gen.finish_reason == "length")
+        release(held, final=True, cut_short=gen.finish_reason == "length")
     return gen, (refused[0] if refused else None)
 
 
