@@ -237,9 +237,12 @@ def test_an_answer_drifting_off_topic_is_stopped_before_it_leaves(model_path) ->
         runtime.close()
 
 
+COOLANT = "Check the coolant by looking at it, check if there is a hole in it."
+
+
 def test_an_answer_sentence_is_read_after_the_one_before_it(runtime: Runtime) -> None:
     rel = runtime.relevance["factory"]
-    before = "Check the coolant by looking at it, check if there is a hole in it."
+    before = COOLANT
     assert not rel.check_answer("If you can see one, that's good.").allowed  # alone it names nothing
     assert rel.check_answer("If you can see one, that's good.", previous=before).allowed
     drift = rel.check_answer("Once upon a time a dragon lived with a princess in a tall castle.", previous=before)
@@ -282,6 +285,28 @@ def test_a_streamed_opening_waits_for_its_next_sentence_only_when_it_needs_it(
         assert pieces == [] and reply.error is not None and reply.error.code == "off_topic_answer"
     else:
         assert pieces[0].strip() == first_piece and "".join(pieces).strip() == reply.text == answer
+
+
+@pytest.mark.parametrize(("answer", "pieces", "status"), [
+    # a sentence that passes only read after the one before it waits for one on topic by itself
+    (f"{COOLANT} If you can see one, that's good. Then top up the tank to the mark.",
+     [COOLANT, "If you can see one, that's good. Then top up the tank to the mark."], "ok"),
+    # or for the end of the answer
+    (f"{COOLANT} If you can see one, that's good.", [COOLANT, "If you can see one, that's good."], "ok"),
+    # an answer drifting off topic is stopped before its first doubtful sentence leaves
+    (f"{COOLANT} The cat in the hat. Once upon a time a dragon lived with a princess in a tall castle.",
+     [COOLANT], "refused"),
+])
+def test_a_doubtful_sentence_is_held_until_the_answer_shows_its_topic(
+        runtime: Runtime, answer: str, pieces: list[str], status: str) -> None:
+    engine = FakeEngine()
+    engine.answer = answer
+    got: list[str] = []
+    reply = handle(replace(runtime, engine=engine), Request(text="How do I check the coolant?"), on_text=got.append)
+    assert reply.status == status, reply
+    assert [p.strip() for p in got] == pieces
+    if status == "refused":
+        assert reply.error is not None and reply.error.code == "off_topic_answer"
 
 
 @pytest.mark.parametrize(("before", "sentences", "after"), [

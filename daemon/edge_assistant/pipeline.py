@@ -256,43 +256,56 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
     refused: list[Verdict] = []
     checks_answers = relevance is not None and relevance.checks_answers
     context = content_words(" ".join(p.text for p in passages)) if passages else frozenset()
-    held = ""  # the answer's text not yet judged and passed on
-    released = False  # whether any of it has been passed on
-    passed: list[str] = []  # the sentences passed on
+    held = ""  # the answer's text not yet judged
+    judged: list[str] = []  # the sentences judged on topic
+    unsure = ""  # judged text held back: its last sentence passed only read with its neighbour
     waiting = False  # whether the opening sentence waits for the one after it
 
     def release(text: str, final: bool = False, cut_short: bool = False) -> bool | None:
-        """Judge the sentences in ``text``, alone and together, and pass them on: True once passed on, False once
-        one is refused, None when ``text`` is the answer's opening sentence alone, off topic by itself, and waits
-        to be read with the sentence after it. ``final``: the answer has ended. ``cut_short``: it ended where
-        ``max_tokens`` stopped it, and its last, unfinished sentence is judged with what was passed on before it
-        when it is short (a few words alone say little)."""
-        nonlocal released
+        """Judge the sentences in ``text``, alone and together, and pass them on: True once judged on topic,
+        False once one is refused, None when ``text`` is the answer's opening sentence alone, off topic by itself,
+        and waits to be read with the sentence after it. Text whose last sentence passed only read with its
+        neighbour is passed on once a sentence on topic by itself follows, or the answer ends: an answer that
+        drifts off topic is stopped before its first doubtful sentence leaves. ``final``: the answer has ended.
+        ``cut_short``: it ended where ``max_tokens`` stopped it, and its last, unfinished sentence is judged with
+        what was judged before it when it is short (a few words alone say little)."""
+        nonlocal unsure
         pieces = [x.strip() for x in SENTENCE_END.split(text) if x.strip()]
+        sure = True  # whether the last sentence is on topic by itself
         if checks_answers and relevance is not None:
             sentences = list(pieces)
             if cut_short and sentences and len(sentences[-1].split()) < FIRST_WORDS:
-                sentences[-1] = " ".join([*(passed + sentences[:-1])[-2:], sentences[-1]])
-            opening = not passed
-            if opening and len(sentences) == 1 and not final and not relevance.check_answer(sentences[0],
-                                                                                            context).allowed:
-                return None
+                sentences[-1] = " ".join([*(judged + sentences[:-1])[-2:], sentences[-1]])
+            opening = not judged
             # (sentence, the one it is read after, the one it is read before: only the opening has one)
-            units = [(unit, before, "") for unit, before in zip(sentences, read_after(passed, sentences), strict=True)]
-            if len(sentences) > 1:
-                if opening:
-                    units[0] = (sentences[0], "", sentences[1])
-                units.append((" ".join(sentences), "", ""))
-            for unit, before, after in units:
+            units = [(unit, before, "") for unit, before in zip(sentences, read_after(judged, sentences), strict=True)]
+            if opening and len(sentences) > 1:
+                units[0] = (sentences[0], "", sentences[1])
+            for i, (unit, before, after) in enumerate(units):
+                alone = relevance.check_answer(unit, context)
+                if alone.allowed:
+                    sure = True
+                    continue
+                if opening and i == 0 and len(sentences) == 1 and not final:
+                    return None
                 verdict = relevance.check_answer(unit, context, before, after)
                 if not verdict.allowed:
                     refused.append(verdict)
                     stop.set()
                     return False
-        released = True
-        passed.extend(pieces)
-        if on_text is not None and text:
-            on_text(text)
+                sure = False
+            if len(sentences) > 1:
+                verdict = relevance.check_answer(" ".join(sentences), context)
+                if not verdict.allowed:
+                    refused.append(verdict)
+                    stop.set()
+                    return False
+        judged.extend(pieces)
+        unsure += text
+        if (sure or final) and unsure:
+            if on_text is not None:
+                on_text(unsure)
+            unsure = ""
         return True
 
     def watch(piece: str) -> None:
@@ -310,7 +323,7 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
             ends = list(SENTENCE_END.finditer(held))
             # The first release waits for FIRST_WORDS words: one short line says too little about its topic; an
             # opening sentence off topic alone waits for the next one.
-            if (ends and (released or len(held[: ends[-1].end()].split()) >= FIRST_WORDS)
+            if (ends and (judged or len(held[: ends[-1].end()].split()) >= FIRST_WORDS)
                     and not (waiting and len(ends) < 2)):
                 cut = ends[-1].end()
                 done = release(held[:cut])
@@ -326,7 +339,7 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
 
     messages = build_messages(persona, request.text, passages)
     gen = rt.engine.generate(messages, sampling, watch, stop, deadline)
-    if not refused and held:
+    if not refused and (held or unsure):
         release(held, final=True, cut_short=gen.finish_reason == "length")
     return gen, (refused[0] if refused else None)
 
