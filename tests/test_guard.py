@@ -238,6 +238,11 @@ def test_an_answer_drifting_off_topic_is_stopped_before_it_leaves(model_path) ->
 
 
 COOLANT = "Check the coolant by looking at it, check if there is a hole in it."
+FILTER_STEPS = ["First, remove the coolant filter from the machine.",
+                "Next, clean it with a 10-20% bleach solution to remove any remaining dirt or debris.",
+                "Then, use a small brush and a bit of sandpaper to remove all the dirt from the filter.",
+                "Finally, replace the filter as needed until you have one that is completely new."]
+FILTER = " ".join(FILTER_STEPS)
 
 
 def test_an_answer_sentence_is_read_after_the_one_before_it(runtime: Runtime) -> None:
@@ -245,8 +250,15 @@ def test_an_answer_sentence_is_read_after_the_one_before_it(runtime: Runtime) ->
     before = COOLANT
     assert not rel.check_answer("If you can see one, that's good.").allowed  # alone it names nothing
     assert rel.check_answer("If you can see one, that's good.", previous=before).allowed
-    drift = rel.check_answer("Once upon a time a dragon lived with a princess in a tall castle.", previous=before)
+    drift_text = "Once upon a time a dragon lived with a princess in a tall castle."
+    drift = rel.check_answer(drift_text, previous=before)
     assert not drift.allowed and drift.code == "off_topic_answer"
+    # read between the sentences before and after it
+    assert not rel.check_answer(FILTER_STEPS[2], previous=FILTER_STEPS[1]).allowed
+    assert rel.check_answer(FILTER_STEPS[2], previous=FILTER_STEPS[1], following=FILTER_STEPS[3]).allowed
+    assert not rel.check_answer(FILTER_STEPS[2], previous=FILTER_STEPS[1], following=drift_text).allowed
+    drift = rel.check_answer(drift_text, previous=before, following=FILTER_STEPS[3])  # far off: floor
+    assert not drift.allowed
 
 
 OPENING = "First week, start with a beginner's approach."
@@ -293,18 +305,24 @@ def test_a_streamed_opening_waits_for_its_next_sentence_only_when_it_needs_it(
      [COOLANT, "If you can see one, that's good. Then top up the tank to the mark."], "ok"),
     # or for the end of the answer
     (f"{COOLANT} If you can see one, that's good.", [COOLANT, "If you can see one, that's good."], "ok"),
+    # a sentence off topic even after the one before it passes when the answer comes back to its topic at once,
+    # and is held back until then (the model's own answer)
+    (FILTER, [" ".join(FILTER_STEPS[:2]), " ".join(FILTER_STEPS[2:])], "ok"),
+    # but not when the answer ends with it
+    (" ".join(FILTER_STEPS[:3]), None, "refused"),
     # an answer drifting off topic is stopped before its first doubtful sentence leaves
     (f"{COOLANT} The cat in the hat. Once upon a time a dragon lived with a princess in a tall castle.",
      [COOLANT], "refused"),
 ])
 def test_a_doubtful_sentence_is_held_until_the_answer_shows_its_topic(
-        runtime: Runtime, answer: str, pieces: list[str], status: str) -> None:
+        runtime: Runtime, answer: str, pieces: list[str] | None, status: str) -> None:
     engine = FakeEngine()
     engine.answer = answer
     got: list[str] = []
     reply = handle(replace(runtime, engine=engine), Request(text="How do I check the coolant?"), on_text=got.append)
     assert reply.status == status, reply
-    assert [p.strip() for p in got] == pieces
+    if pieces is not None:
+        assert [p.strip() for p in got] == pieces
     if status == "refused":
         assert reply.error is not None and reply.error.code == "off_topic_answer"
 

@@ -41,10 +41,11 @@ class Margins:
     answer_with_previous: float | None
     """A sentence below ``answer`` but not below ``answer_floor`` is still let through when, read together with
     the sentence before it, its margin reaches ``answer`` plus this (a sentence such as "If you can see one,
-    that's good." names nothing alone). The answer's opening sentence, which has none before it, is let through
-    when, read together with the sentence after it, it reaches what a request must (``request``), floor or not:
-    an opening such as "First week, start with a beginner's approach." is judged by what it opens. None: every
-    sentence is judged alone."""
+    that's good." names nothing alone), or when the sentence after it is on topic by itself: the answer comes
+    back to its topic at once ("Then use a small brush to remove the dirt from the filter."). The answer's
+    opening sentence, which has none before it, is let through when, read together with the sentence after it,
+    it reaches what a request must (``request``), floor or not: an opening such as "First week, start with a
+    beginner's approach." is judged by what it opens. None: every sentence is judged alone."""
     answer_floor: float = -1.0
     """Below this a sentence is off topic whatever comes before it (a story, a joke, the weather after a
     sentence about coolant)."""
@@ -486,9 +487,9 @@ class Relevance:
     def check_answer(self, sentence: str, context_words: frozenset[str] = frozenset(), previous: str = "",
                      following: str = "") -> Verdict:
         """One sentence of an answer: on topic when it names an allowed subject, shares two words with the
-        passages it was answered from (``context_words``), or its margin clears ``margins.answer``, alone, read
-        after the ``previous`` sentence, or, for the answer's opening sentence, read before the ``following`` one
-        (see ``Margins.answer_with_previous``)."""
+        passages it was answered from (``context_words``), or its margin clears ``margins.answer`` alone; else
+        judged with its neighbours, the ``previous`` sentence and the ``following`` one, as
+        ``Margins.answer_with_previous`` says."""
         if not self.checks_answers:
             return ALLOW
         if len(re.findall(r"[^\W\d_]{2,}", sentence)) < 4 or keyword_hit(sentence, self.cfg):
@@ -503,11 +504,21 @@ class Relevance:
             joined = self.margin(f"{previous} {sentence}")
             if joined >= threshold + self.margins.answer_with_previous:
                 return ALLOW
-        if (following and not previous and self.margins.answer_with_previous is not None
-                and self.margin(f"{sentence} {following}") >= self.margins.request[self.cfg.strictness]):
-            return ALLOW
+        if following and self.margins.answer_with_previous is not None:
+            if not previous:
+                if self.margin(f"{sentence} {following}") >= self.margins.request[self.cfg.strictness]:
+                    return ALLOW
+            elif score >= self.margins.answer_floor and self.check_answer(following, context_words).allowed:
+                return ALLOW
         return Verdict(False, "output", "off_topic_answer", f"answer sentence {sentence[:60]!r}: margin "
                                                             f"{score:.3f} below {threshold:.3f}", score)
+
+    def waits(self, refused: Verdict, opening: bool) -> bool:
+        """Whether an answer's sentence ``refused`` as it stands may still pass once the sentence after it is
+        known (see ``check_answer``): the answer's opening sentence, or any not below ``answer_floor``."""
+        if self.margins.answer_with_previous is None:
+            return False
+        return opening or (refused.score is not None and refused.score >= self.margins.answer_floor)
 
 
 def content_words(text: str) -> frozenset[str]:

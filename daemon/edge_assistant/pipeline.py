@@ -259,7 +259,7 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
     held = ""  # the answer's text not yet judged
     judged: list[str] = []  # the sentences judged on topic
     unsure = ""  # judged text held back: its last sentence passed only read with its neighbour
-    waiting = False  # whether the opening sentence waits for the one after it
+    waiting = 0  # sentence ends in ``held`` when its last sentence began to wait for the one after it
 
     def release(text: str, final: bool = False, cut_short: bool = False) -> bool | None:
         """Judge the sentences in ``text``, alone and together, and pass them on: True once judged on topic,
@@ -277,19 +277,15 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
             if cut_short and sentences and len(sentences[-1].split()) < FIRST_WORDS:
                 sentences[-1] = " ".join([*(judged + sentences[:-1])[-2:], sentences[-1]])
             opening = not judged
-            # (sentence, the one it is read after, the one it is read before: only the opening has one)
-            units = [(unit, before, "") for unit, before in zip(sentences, read_after(judged, sentences), strict=True)]
-            if opening and len(sentences) > 1:
-                units[0] = (sentences[0], "", sentences[1])
-            for i, (unit, before, after) in enumerate(units):
-                alone = relevance.check_answer(unit, context)
-                if alone.allowed:
+            for i, (unit, before) in enumerate(zip(sentences, read_after(judged, sentences), strict=True)):
+                if relevance.check_answer(unit, context).allowed:
                     sure = True
                     continue
-                if opening and i == 0 and len(sentences) == 1 and not final:
-                    return None
+                after = sentences[i + 1] if i + 1 < len(sentences) else ""
                 verdict = relevance.check_answer(unit, context, before, after)
                 if not verdict.allowed:
+                    if not after and not final and relevance.waits(verdict, opening and i == 0):
+                        return None
                     refused.append(verdict)
                     stop.set()
                     return False
@@ -324,12 +320,12 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
             # The first release waits for FIRST_WORDS words: one short line says too little about its topic; an
             # opening sentence off topic alone waits for the next one.
             if (ends and (judged or len(held[: ends[-1].end()].split()) >= FIRST_WORDS)
-                    and not (waiting and len(ends) < 2)):
+                    and len(ends) > waiting):
                 cut = ends[-1].end()
                 done = release(held[:cut])
                 if done is False:
                     return
-                waiting = done is None
+                waiting = len(ends) if done is None else 0
                 if done:
                     held = held[cut:]
         elif on_text is not None:
