@@ -263,10 +263,11 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
 
     def release(text: str, final: bool = False, cut_short: bool = False) -> bool | None:
         """Judge the sentences in ``text``, alone and together, and pass them on: True once judged on topic,
-        False once one is refused, None when ``text`` is the answer's opening sentence alone, off topic by itself,
-        and waits to be read with the sentence after it. Text whose last sentence passed only read with its
-        neighbour is passed on once a sentence on topic by itself follows, or the answer ends: an answer that
-        drifts off topic is stopped before its first doubtful sentence leaves. ``final``: the answer has ended.
+        False once one is refused, None when its last sentence is off topic as it stands but the sentence after
+        it may still let it through (``Relevance.waits``): ``text`` is judged again once that one is complete.
+        Text whose last sentence passed only read with a neighbour is passed on once a sentence on topic by
+        itself follows, or the answer ends: an answer that drifts off topic is stopped before its first doubtful
+        sentence leaves. ``final``: the answer has ended.
         ``cut_short``: it ended where ``max_tokens`` stopped it, and its last, unfinished sentence is judged with
         what was judged before it when it is short (a few words alone say little)."""
         nonlocal unsure
@@ -317,8 +318,8 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
         if checks_answers:
             held += piece
             ends = list(SENTENCE_END.finditer(held))
-            # The first release waits for FIRST_WORDS words: one short line says too little about its topic; an
-            # opening sentence off topic alone waits for the next one.
+            # The first release waits for FIRST_WORDS words: one short line says too little about its topic. A
+            # sentence the next one decides waits for it (a further sentence end).
             if (ends and (judged or len(held[: ends[-1].end()].split()) >= FIRST_WORDS)
                     and len(ends) > waiting):
                 cut = ends[-1].end()
