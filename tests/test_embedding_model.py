@@ -8,14 +8,16 @@ there. The GGUF that set-up converted must tokenize the same and embed within F1
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from edge_assistant.bert_gguf import ConversionError, convert, phantom_space
 from edge_assistant.config import load_config
-from edge_assistant.engine import LlamaEmbedder
+from edge_assistant.engine import RECENT_EMBEDDINGS, LlamaEmbedder
 from edge_assistant.guard import MARGINS, Relevance
 
 REFERENCE = Path(__file__).parent / "data" / "embedding" / "minilm_reference.jsonl"
@@ -53,6 +55,25 @@ def test_the_embedder_knows_its_kind_and_the_guard_takes_its_margins(embedding_p
     finally:
         sentence.close()
         chat.close()
+
+
+def test_a_text_embedded_again_soon_is_not_computed_again(embedding_path: Path) -> None:
+    computed: list[int] = []
+
+    def runner(fn: Callable[[], Any]) -> Any:
+        computed.append(1)
+        return fn()
+
+    embedder = LlamaEmbedder.load(str(embedding_path), 2, runner=runner)
+    try:
+        first = embedder.embed(["Then use a small brush to clean the filter."])
+        again = embedder.embed(["Then use a small brush to clean the filter."])
+        assert len(computed) == 1 and np.array_equal(first, again)
+        embedder.embed([f"Step {i}: check the coolant level." for i in range(RECENT_EMBEDDINGS)])
+        later = embedder.embed(["Then use a small brush to clean the filter."])  # pushed out by as many others
+        assert len(computed) == 2 + RECENT_EMBEDDINGS and np.allclose(first, later, atol=1e-6)
+    finally:
+        embedder.close()
 
 
 def test_conversion_is_reproducible_and_refuses_what_it_cannot_convert(tmp_path: Path, embedding_path: Path) -> None:

@@ -28,6 +28,7 @@ import functools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -421,6 +422,10 @@ class StopText:
         return out
 
 
+RECENT_EMBEDDINGS = 64
+"""Embeddings of texts not remembered that an embedder keeps in memory, the last ones used."""
+
+
 class LlamaEmbedder:
     """Unit-length sentence embeddings through llama.cpp: from a sentence-embedding model (a BERT GGUF that pools
     its tokens itself; ``kind`` ``sentence``), or from the chat model's GGUF file (a second, small context, the
@@ -440,6 +445,9 @@ class LlamaEmbedder:
         self.cache_path = cache
         """Where remembered embeddings are kept across restarts (None: in memory only)."""
         self._cache: dict[str, Any] = {}
+        # The last texts embedded and not remembered: the answer check judges a sentence alone and with its
+        # neighbours, and judges again a sentence that waited for the next one.
+        self._recent: OrderedDict[str, Any] = OrderedDict()
         if cache is not None and cache.is_file():
             import numpy as np
 
@@ -486,6 +494,9 @@ class LlamaEmbedder:
         with self._lock:
             for text in texts:
                 vec = self._cache.get(text)
+                if vec is None and text in self._recent:
+                    self._recent.move_to_end(text)
+                    vec = self._recent[text]
                 if vec is None:
                     try:
                         out = np.asarray(self._runner(functools.partial(self._compute, text)), dtype=np.float32)
@@ -494,6 +505,10 @@ class LlamaEmbedder:
                     except (RuntimeError, ValueError) as exc:  # llama_decode refused the batch: no vector
                         log.warning("could not embed a text of %d characters (%s); it has no vector", len(text), exc)
                         vec = np.zeros(self._llm.n_embd(), dtype=np.float32)
+                    else:
+                        self._recent[text] = vec
+                        if len(self._recent) > RECENT_EMBEDDINGS:
+                            self._recent.popitem(last=False)
                     if remember:
                         self._cache[text] = vec
                         new += 1
