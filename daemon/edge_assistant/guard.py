@@ -515,7 +515,8 @@ class Relevance:
 
     def waits(self, refused: Verdict, opening: bool) -> bool:
         """Whether an answer's sentence ``refused`` as it stands may still pass once the sentence after it is
-        known (see ``check_answer``): the answer's opening sentence, or any not below ``answer_floor``."""
+        known (see ``check_answer``): the answer's ``opening`` sentence (the one with none before it), or any
+        not below ``answer_floor``."""
         if self.margins.answer_with_previous is None:
             return False
         return opening or (refused.score is not None and refused.score >= self.margins.answer_floor)

@@ -277,7 +277,6 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
             sentences = list(pieces)
             if cut_short and sentences and len(sentences[-1].split()) < FIRST_WORDS:
                 sentences[-1] = " ".join([*(judged + sentences[:-1])[-2:], sentences[-1]])
-            opening = not judged
             for i, (unit, before) in enumerate(zip(sentences, read_after(judged, sentences), strict=True)):
                 if relevance.check_answer(unit, context).allowed:
                     sure = True
@@ -285,7 +284,7 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
                 after = sentences[i + 1] if i + 1 < len(sentences) else ""
                 verdict = relevance.check_answer(unit, context, before, after)
                 if not verdict.allowed:
-                    if not after and not final and relevance.waits(verdict, opening and i == 0):
+                    if not after and not final and relevance.waits(verdict, opening=not before):
                         return None
                     refused.append(verdict)
                     stop.set()
@@ -343,6 +342,8 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 """Where a held-back answer is cut into sentences to be judged."""
+FIRST_WORDS = 12
+"""Words an answer holds back before its first sentences are judged and streamed."""
 LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]\s|\d{1,3}[.)](?:\s|$))")
 """A line of a list: a bullet, or a number and a dot or parenthesis."""
 
@@ -362,8 +363,6 @@ def read_after(before: list[str], sentences: list[str]) -> list[str]:
                 j = i - 1
         out.append(seq[j] if j >= 0 else "")
     return out
-FIRST_WORDS = 12
-"""Words an answer holds back before its first sentences are judged and streamed."""
 
 
 def _refuse(request: Request, persona: str, guard: GuardConfig, verdict: Verdict) -> Reply:
