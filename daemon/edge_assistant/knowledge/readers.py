@@ -29,6 +29,8 @@ class Chunk:
     """Its text (a CSV row as ``header: value`` pairs; a section with its heading path)."""
     row_id: str = ""
     """A CSV row's identifier (its identifier column's value), normalised."""
+    kind: str = "text"
+    """What it is: ``section`` (under a heading), ``text`` (a block of plain text), ``page`` or ``row``."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,8 @@ def read_markdown(text: str, max_chars: int) -> Parsed:
             location = f"section {where}" if path else where
             if len(parts) > 1:
                 location += f" (part {i})"
-            chunks.append(Chunk(location, (" > ".join(path) + "\n" if path else "") + part))
+            chunks.append(Chunk(location, (" > ".join(path) + "\n" if path else "") + part,
+                                kind="section" if path else "text"))
 
     lines = text.splitlines()
     for n, line in enumerate(lines, 1):
@@ -151,7 +154,7 @@ def read_pdf(data: bytes, max_chars: int) -> Parsed:
     for number, text in enumerate(pages, 1):
         parts = _split(re.sub(r"[ \t]+", " ", text), max_chars)
         for i, part in enumerate(parts, 1):
-            chunks.append(Chunk(f"page {number}" + (f" (part {i})" if len(parts) > 1 else ""), part))
+            chunks.append(Chunk(f"page {number}" + (f" (part {i})" if len(parts) > 1 else ""), part, kind="page"))
     if pages and not chunks:
         raise UnreadableError("the PDF has no extractable text (a scan without a text layer?)")
     return Parsed(tuple(chunks), len(pages))
@@ -193,7 +196,7 @@ def read_csv(text: str, id_columns: Sequence[str]) -> Parsed:
         body = "\n".join(f"{h}: {c}" for h, c in zip(header, cells, strict=True) if c)
         row_id = normalize_id(cells[id_col]) if id_col >= 0 and cells[id_col] else ""
         where = f"row {n}" + (f" ({header[id_col]} {cells[id_col]})" if row_id else "")
-        chunks.append(Chunk(where, body, row_id))
+        chunks.append(Chunk(where, body, row_id, kind="row"))
     return Parsed(tuple(chunks), max(1, math.ceil(len(text) / 3000)))
 
 
