@@ -128,6 +128,9 @@ TRUTH = [
      "2 performance physical cores (8 efficiency cores left out)"),
     ("celeron-j4105-futro-s740", "x86-baseline", 3, 3, 0, ("Q4_0", "Q4_1"), "4 physical cores; 1 kept"),
     ("amd-ryzen5-surface-apu", "x86-avx2", 5, 5, 0, ("Q4_K_M", "Q4_0"), "6 physical cores; 1 kept"),
+    ("jetson-agx-orin-64gb-devkit", "jetson-orin", 4, 4, -1, ("Q4_K_M", "Q4_0"), "every layer on the GPU"),
+    ("jetson-agx-orin-r39", "jetson-orin", 4, 4, -1, ("Q4_K_M", "Q4_0"), "every layer on the GPU"),
+    ("jetson-orin-nano-r35", "jetson-orin", 4, 4, -1, ("Q4_K_M", "Q4_0"), "every layer on the GPU"),
 ]
 
 
@@ -183,12 +186,42 @@ def test_jetson_orin_found_without_release_file_or_device_tree() -> None:
     assert "compatible nvidia," in custom.cuda_reason
 
 
+@pytest.mark.parametrize(("device", "compatible_last"), [
+    ("jetson-agx-orin-64gb-devkit", "nvidia,tegra23x"),  # the list ends in the family, after the SoC
+    ("jetson-orin-nano-r35", "nvidia,tegra23x"),
+    ("jetson-agx-orin-r39", "nvidia,p3737-0000+p3701-0000"),  # the board string alone: the module names the SoC
+])
+def test_orin_soc_from_known_strings_not_the_last(device: str, compatible_last: str) -> None:
+    hw = detect(DEVICES / device)
+    assert hw.compatible[-1] == compatible_last
+    assert hw.soc == "tegra234" and hw.cuda
+    assert match(hw, load_profiles(default_profiles_dir()))[0].name == "jetson-orin"
+
+
+def test_soc_fallbacks(tmp_path: Path) -> None:
+    root = copy_device("rpi4", tmp_path)
+    (root / "proc/device-tree/compatible").write_text("acme,widget-1\0acme,soc9\0")
+    assert detect(root).soc == "soc9"  # nothing known: the last string's tail, as before
+    (root / "proc/device-tree/compatible").write_text("nvidia,p3449-0000-b00+p3448-0000-b00\0nvidia,jetson-nano\0")
+    assert detect(root).soc == "tegra210"  # Jetson Nano module p3448
+
+
 def test_orin_thread_cap_follows_the_offload() -> None:
     hw = detect(DEVICES / "jetson-agx-orin-container")
     profile, _ = match(hw, load_profiles(default_profiles_dir()))
     assert resolve(profile, hw).n_threads == 4  # every layer on the GPU: the CPU only feeds it
     partial = resolve(profile, hw, ProfileOverrides(n_gpu_layers=20))
     assert partial.n_threads == 8 and "at most 8 (profile jetson-orin)" in partial.reasons["n_threads"]
+
+
+@pytest.mark.parametrize("device", ["jetson-agx-orin-64gb-devkit", "jetson-agx-orin-r39", "jetson-orin-nano-r35"])
+def test_detect_json_orin_full_offload(device: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_assistant.cli import main
+
+    assert main(["detect", "--json", "--root", str(DEVICES / device), "--log-level", "ERROR"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hardware"]["soc"] == "tegra234" and out["hardware"]["cuda"] is True
+    assert out["settings"]["profile"] == "jetson-orin" and out["settings"]["n_gpu_layers"] == -1
 
 
 def test_detect_json_is_plain_and_stable(capsys: pytest.CaptureFixture[str]) -> None:

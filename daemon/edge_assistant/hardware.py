@@ -90,8 +90,9 @@ class HardwareInfo:
     thermal: tuple[Thermal, ...] = field(default=())
     """Thermal zone readings."""
     soc: str = ""
-    """The system-on-chip (e.g. ``tegra234``, ``rk3588``): the device tree's last compatible string, or what a
-    Jetson release implies; ``""`` when unknown."""
+    """The system-on-chip (e.g. ``tegra234``, ``rk3588``): a compatible string or Jetson module that
+    ``hardware_data.toml`` knows, or what a Jetson release implies, else the last compatible string's tail; ``""``
+    when unknown (see ``_soc``)."""
 
     @property
     def big_cpus(self) -> tuple[int, ...]:
@@ -151,7 +152,7 @@ def core_classes(cpus: tuple[Cpu, ...]) -> tuple[set[int], tuple[str, str]]:
 
 @functools.cache
 def hardware_data() -> dict[str, Any]:
-    """``hardware_data.toml``: Arm core parts and single-SoC Jetson releases."""
+    """``hardware_data.toml``: Arm core parts, SoC compatible strings, Jetson modules and single-SoC releases."""
     return tomllib.loads(resources.files(__package__).joinpath("hardware_data.toml").read_text())
 
 
@@ -296,11 +297,35 @@ def _thermal(root: Path) -> tuple[Thermal, ...]:
 
 
 def _soc(compatible: tuple[str, ...], jetson: str) -> str:
-    if compatible:
-        return compatible[-1].split(",")[-1]
+    """The system-on-chip, from what ``hardware_data.toml`` knows, else the device tree's last string.
+
+    A device tree lists its compatible strings from the most specific to the most general, and a general one may
+    follow the SoC's (NVIDIA's trees end in ``nvidia,tegra23x``, a family, after ``nvidia,tegra234``). So the first
+    string found in ``[socs]`` names the SoC; failing that, the first NVIDIA module part number in ``[jetson_modules]``
+    (``nvidia,p3737-0000+p3701-0005`` holds module p3701, an AGX Orin); failing that, a Jetson Linux release that
+    runs on one SoC only (``[jetson_releases]``, for a container without a device tree); and only when nothing is
+    known, the tail of the last compatible string.
+    """
+    data = hardware_data()
+    socs: dict[str, str] = data.get("socs", {})
+    for name in compatible:
+        if name in socs:
+            return socs[name]
+    modules: dict[str, dict[str, str]] = data.get("jetson_modules", {})
+    for name in compatible:
+        vendor, _, board = name.partition(",")
+        if vendor != "nvidia":
+            continue
+        for part in re.findall(r"(?:^|\+)(p\d{4})-\d{4}", board):
+            if part in modules:
+                return modules[part]["soc"]
     release = re.match(r"#\s*(R\d+)", jetson)
     if release:
-        return str(hardware_data().get("jetson_releases", {}).get(release.group(1), ""))
+        soc = str(data.get("jetson_releases", {}).get(release.group(1), ""))
+        if soc:
+            return soc
+    if compatible:
+        return compatible[-1].split(",")[-1]
     return ""
 
 
