@@ -131,6 +131,8 @@ TRUTH = [
     ("jetson-agx-orin-64gb-devkit", "jetson-orin", 4, 4, -1, ("Q4_K_M", "Q4_0"), "every layer on the GPU"),
     ("jetson-agx-orin-r39", "jetson-orin", 4, 4, -1, ("Q4_K_M", "Q4_0"), "every layer on the GPU"),
     ("jetson-orin-nano-r35", "jetson-orin", 4, 4, -1, ("Q4_K_M", "Q4_0"), "every layer on the GPU"),
+    ("intel-i7-1360p-no-core-id", "x86-avx2", 4, 4, 0, ("Q4_K_M", "Q4_0"),
+     "4 performance physical cores (8 efficiency cores left out); none kept free"),
 ]
 
 
@@ -212,6 +214,26 @@ def test_orin_thread_cap_follows_the_offload() -> None:
     assert resolve(profile, hw).n_threads == 4  # every layer on the GPU: the CPU only feeds it
     partial = resolve(profile, hw, ProfileOverrides(n_gpu_layers=20))
     assert partial.n_threads == 8 and "at most 8 (profile jetson-orin)" in partial.reasons["n_threads"]
+
+
+def test_intel_hybrid_without_core_ids() -> None:
+    hw = detect(DEVICES / "intel-i7-1360p-no-core-id")  # siblings 16, cpu cores 12, no core id lines
+    assert len(hw.cpus) == 16 and hw.physical_cores == 12
+    assert hw.big_cpus == tuple(range(8)) and hw.core_names == ("performance", "efficiency")
+    assert hw.cpus[0].core == hw.cpus[1].core != hw.cpus[2].core  # the P-cores' threads pair (0, 1), (2, 3), ...
+    assert len({c.core for c in hw.cpus[8:]}) == 8  # one thread on each E-core
+
+
+def test_smt_on_every_core_without_core_ids(tmp_path: Path) -> None:
+    root = copy_device("amd-ryzen5-surface-apu", tmp_path)  # siblings 12, cpu cores 6
+    cpuinfo = root / "proc/cpuinfo"
+    cpuinfo.write_text("".join(line for line in cpuinfo.read_text().splitlines(keepends=True)
+                               if not line.startswith("core id")))
+    hw = detect(root)
+    assert hw.physical_cores == 6 and not hw.heterogeneous
+    assert hw.cpus[0].core == hw.cpus[6].core  # Linux lists every core's first thread, then the second
+    profile, _ = match(hw, load_profiles(default_profiles_dir()))
+    assert resolve(profile, hw).n_threads == 5
 
 
 @pytest.mark.parametrize("device", ["jetson-agx-orin-64gb-devkit", "jetson-agx-orin-r39", "jetson-orin-nano-r35"])

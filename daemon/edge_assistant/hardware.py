@@ -342,6 +342,45 @@ def _cpu_count(blocks: list[dict[str, str]], rest: dict[str, str], root: Path) -
     return listed or [0]
 
 
+def _cores_from_counts(cpus: list[Cpu], counts: dict[int, tuple[str, str]]) -> list[Cpu]:
+    """SMT pairs from ``siblings`` and ``cpu cores`` where nothing names each CPU's core.
+
+    ``/proc/cpuinfo`` without ``core id`` lines (dumps rebuilt from ``lscpu``, some containers) still says, per
+    package, how many logical CPUs (``siblings``) run on how many cores (``cpu cores``): ``siblings - cpu cores`` of
+    them are second threads of a core. How the kernel numbers them:
+
+    - none: every CPU is a core of its own;
+    - every core has two: the first thread of every core, then the second (CPU ``i`` and ``i + cores`` pair), as
+      Linux numbers Intel and AMD chips whose cores are alike;
+    - some cores have two, others one (Intel's hybrids, where only the performance cores have SMT): the SMT cores'
+      threads come first, in adjacent pairs (0, 1), (2, 3), ..., then the single-threaded cores.
+
+    The number of physical cores is what the counts fix; the pairing is the kernel's usual numbering. A package
+    whose listed CPUs are not ``siblings`` in number (a partial or renumbered cpuinfo) is left as it is.
+    """
+    by_package: dict[int, list[int]] = {}
+    for pos, c in enumerate(cpus):
+        by_package.setdefault(c.core[0], []).append(pos)
+    out = list(cpus)
+    for package, positions in by_package.items():
+        siblings, cores = counts.get(package, ("", ""))
+        if not (siblings.isdigit() and cores.isdigit()):
+            continue
+        n_cpus, n_cores = int(siblings), int(cores)
+        if n_cpus != len(positions) or not 0 < n_cores <= n_cpus <= 2 * n_cores:
+            continue
+        smt = n_cpus - n_cores  # cores with two threads
+        for i, pos in enumerate(positions):
+            if smt == n_cores:
+                core = i % n_cores
+            elif i < 2 * smt:
+                core = i // 2
+            else:
+                core = i - smt
+            out[pos] = replace(cpus[pos], core=(package, core))
+    return out
+
+
 def _hybrid_by_smt(cpus: list[Cpu], cpu_vendor: str) -> list[Cpu]:
     """Intel P- and E-cores told apart by SMT where the kernel does not split them (before Linux 5.13).
 
@@ -391,6 +430,8 @@ def detect(root: Path = Path("/")) -> HardwareInfo:
     efficiency = set(parse_cpu_list(_read(root, "sys/devices/cpu_atom/cpus") or ""))
     parts = hardware_data().get("parts", {})
     by_number = {int(b["processor"]): b for b in blocks}
+    core_known = False  # whether sysfs or cpuinfo names any CPU's core
+    counts: dict[int, tuple[str, str]] = {}  # package: (siblings, cpu cores) from cpuinfo
     for pos, idx in enumerate(indices):
         # A CPU without a block of its own (a partial cpuinfo) is taken to be like the nearest one listed.
         own = by_number.get(idx, {})
@@ -402,7 +443,12 @@ def detect(root: Path = Path("/")) -> HardwareInfo:
         if package is None:
             package = int(b.get("physical id", "0") or 0)
         if core is None:  # only a CPU's own block says which core it is on
-            core = int(own["core id"]) if own.get("core id", "").isdigit() else idx
+            core = int(own["core id"]) if own.get("core id", "").isdigit() else None
+        if core is None:
+            core = idx
+        else:
+            core_known = True
+        counts.setdefault(package, (b.get("siblings", ""), b.get("cpu cores", "")))
         known = parts.get(f"{b.get('cpu implementer', '')}:{b.get('cpu part', '')}".lower(), {})
         cpus.append(Cpu(
             index=idx,
@@ -415,6 +461,8 @@ def detect(root: Path = Path("/")) -> HardwareInfo:
             core_name=known.get("name", ""),
         ))
     vendor = next((b["vendor_id"] for b in [*blocks, board_block] if "vendor_id" in b), "")
+    if not core_known:
+        cpus = _cores_from_counts(cpus, counts)
     cpus = _hybrid_by_smt(cpus, vendor)
     known = set(ARM_FEATURES) | set(X86_FEATURES)
     features = frozenset(f for f in flags if f in known)
