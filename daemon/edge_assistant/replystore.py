@@ -12,6 +12,7 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -102,16 +103,18 @@ class SqliteReplies:
 
 
 def reply_from_dict(data: dict[str, Any]) -> Reply:
-    """A reply from its ``Reply.to_dict`` form."""
-    error, usage = data.get("error"), data.get("usage")
-    return Reply(
-        id=str(data.get("id", "")),
-        status=data.get("status", "error"),
-        text=str(data.get("text", "")),
-        persona=str(data.get("persona", "")),
+    """A reply from its ``Reply.to_dict`` form, with every field that form holds: a stored reply is sent again
+    exactly as it was sent the first time (a field added to ``Reply`` comes back too)."""
+    values = {f.name: data[f.name] for f in fields(Reply) if f.name in data}
+    error, usage = values.get("error"), values.get("usage")
+    values.update(
+        id=str(values.get("id", "")),
+        status=values.get("status", "error"),
+        text=str(values.get("text", "")),
+        persona=str(values.get("persona", "")),
         error=ErrorInfo(**error) if isinstance(error, dict) else None,
         usage=Usage(**usage) if isinstance(usage, dict) else None,
-        sources=tuple(SourceRef(**s) for s in data.get("sources") or () if isinstance(s, dict)),
-        data=data.get("data"),
-        provenance=dict(data.get("provenance") or {}),
+        sources=tuple(SourceRef(**s) for s in values.get("sources") or () if isinstance(s, dict)),
+        provenance=dict(values.get("provenance") or {}),
     )
+    return Reply(**values)
