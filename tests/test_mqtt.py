@@ -296,6 +296,35 @@ def test_plc_alarm_flow(broker: Broker, tmp_path: Path, watcher: Client) -> None
         gw.close()
 
 
+@pytest.mark.model
+def test_plc_alarm_id_reused_after_a_restart_is_explained_anew(broker: Broker, tmp_path: Path,
+                                                               watcher: Client) -> None:
+    """The replies kept in the state directory across a restart: the same alarm sent again gets its stored
+    explanation (the same bytes), while a new alarm that reuses the id (a gateway's counter restarted) gets its
+    own."""
+    cfg = write_config(tmp_path / "c.toml", broker, "plcr",
+                       '[[plc]]\ntopic = "plant/+/alarm"\nreply_topic = "plant/{gateway}/explanation"\n'
+                       "max_tokens = 24\n")
+    watcher.subscribe("plant/gw1/explanation")
+    gw = Client(broker, user="gw1")
+    spindle = {"id": "17", "tag": "SPINDLE2_TEMP", "value": 92, "unit": "degC", "alarm": "Spindle bearing hot"}
+    coolant = {"id": "17", "tag": "PUMP3_PRESS", "value": 0.4, "unit": "bar", "alarm": "Coolant pressure low"}
+    with running(cfg, watcher, "plcr"):
+        gw.publish("plant/gw1/alarm", json.dumps(spindle))
+        (first,) = watcher.wait_for("plant/gw1/explanation", timeout=120)
+    with running(cfg, watcher, "plcr") as d:
+        gw.publish("plant/gw1/alarm", json.dumps(spindle))
+        watcher.wait_for("plant/gw1/explanation", count=2, timeout=120)
+        gw.publish("plant/gw1/alarm", json.dumps(coolant))
+        watcher.wait_for("plant/gw1/explanation", count=3, timeout=120)
+        log = d.text()
+    _, again, new = watcher.on("plant/gw1/explanation")
+    assert first.json()["status"] == "ok" and again.payload == first.payload  # stored: not generated again
+    assert new.json()["status"] == "ok" and new.json()["id"] == "17" and new.payload != first.payload
+    assert log.count("answered before a restart") == 1  # only the same alarm; the new one was generated
+    gw.close()
+
+
 def test_two_daemons_share_one_topic(broker: Broker, tmp_path: Path, watcher: Client) -> None:
     extra = 'shared_group = "fleet"\n'
     cfg1 = write_config(tmp_path / "a.toml", broker, "fa", extra)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edge_assistant.messages import Reply
 from edge_assistant.mqtt import MqttService
+from edge_assistant.replystore import ReplyStore, SqliteReplies
 from edge_assistant.scheduler import Scheduler
 
 from fakes import FakeClient, FakeEngine, FakeMessage, FakeProps, fake_config, fake_runtime
@@ -25,12 +28,12 @@ REPLY = "edge/dev1/reply/t"
 
 
 class Rig:
-    def __init__(self, stream_window_ms: float = 0.0) -> None:
+    def __init__(self, stream_window_ms: float = 0.0, store: ReplyStore | None = None) -> None:
         self.engine = FakeEngine()
         config = fake_config(device_id="dev1", mqtt={"enabled": True, "discovery": False,
                                                      "stream_window_ms": stream_window_ms},
                              plc=[{"topic": "plant/+/alarm"}])
-        self.scheduler = Scheduler(fake_runtime(self.engine, config), queue_size=4)
+        self.scheduler = Scheduler(fake_runtime(self.engine, config), queue_size=4, store=store)
         self.scheduler.start()
         self.client = FakeClient()
         self.controls: list[str] = []
@@ -160,6 +163,50 @@ def test_plc_alarm_explained_on_its_reply_topic(rig: Rig) -> None:
     rig.wait_acks(1)
     (body,) = rig.finals("plant/gw1/alarm/explanation")
     assert body["status"] == "ok" and "spindle hot" in body["text"]
+
+
+EXPLAINED = "plant/gw1/alarm/explanation"
+SPINDLE = '{"id": 17, "tag": "TT-101", "value": 92, "unit": "degC", "alarm": "spindle hot"}'
+COOLANT = '{"id": 17, "tag": "PT-7", "value": 0.4, "unit": "bar", "alarm": "coolant low"}'
+
+
+def alarm_once(replies: Path, payload: str) -> tuple[dict[str, Any], list[str]]:
+    """One daemon life with its replies stored in ``replies``: the alarm sent once; its explanation and what the
+    model was asked."""
+    store = SqliteReplies(replies)
+    rig = Rig(store=store)
+    try:
+        rig.send(payload, topic="plant/gw1/alarm", response_topic="")
+        rig.wait_acks(1)
+        (body,) = rig.finals(EXPLAINED)
+        return body, rig.engine.calls
+    finally:
+        rig.scheduler.stop(grace_s=1)
+        store.close()
+
+
+def test_plc_alarm_reusing_an_id_after_a_restart_is_explained_anew(tmp_path: Path) -> None:
+    """A gateway whose alarm counter restarted sends id 17 again for another alarm: it gets that alarm's
+    explanation, not the one stored for the old id 17. The same alarm delivered again gets its stored reply."""
+    path = tmp_path / "replies.sqlite"
+    first, calls = alarm_once(path, SPINDLE)
+    assert "spindle hot" in first["text"] and len(calls) == 1
+    again, calls = alarm_once(path, SPINDLE)  # after a restart: the broker delivered it again
+    assert again == first and calls == []
+    new, calls = alarm_once(path, COOLANT)  # after another restart: the same id, a new alarm
+    assert new["id"] == "17" and "coolant low" in new["text"] and "spindle hot" not in new["text"]
+    assert len(calls) == 1
+
+
+def test_plc_reply_stored_under_the_old_key_form_is_not_replayed(tmp_path: Path) -> None:
+    """A state directory from before the key held the alarm (``plc|<id>``): its replies are never sent for an
+    alarm, whatever its id."""
+    path = tmp_path / "replies.sqlite"
+    old = SqliteReplies(path)
+    old.put("plc|17", Reply(id="17", status="ok", text="Stale: spindle hot", persona="factory"))
+    old.close()
+    body, calls = alarm_once(path, COOLANT)
+    assert "coolant low" in body["text"] and "Stale" not in body["text"] and len(calls) == 1
 
 
 def test_streamed_chunks_then_final_with_seq(rig: Rig) -> None:

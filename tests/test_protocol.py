@@ -201,6 +201,27 @@ def test_plc_dedupe_and_rate_limit() -> None:
     assert send("A", 40) == "ok"  # window passed and the bucket refilled
 
 
+def test_plc_key_is_the_alarm_not_only_its_id() -> None:
+    """Gateways reuse alarm ids (counters that wrap or restart): an id with another alarm is a new request, while
+    the same alarm sent again, however its JSON is spelled, keeps its key and gets its stored reply."""
+    gw = PlcGateway((PlcRoute(topic="plant/+/alarm", dedupe_window_s=0, rate_per_minute=60),))
+    route = gw.routes[0]
+
+    def key(payload: str, who: str = "gw1") -> str:
+        res = gw.accept(route, f"plant/{who}/alarm", payload.encode(), now=0.0)
+        assert res.job is not None, res.reason
+        return res.job.key
+
+    first = key('{"id": 17, "tag": "TT-101", "value": 92, "alarm": "spindle hot"}')
+    assert key('{ "alarm":"spindle hot", "value":92,  "tag":"TT-101", "id":17 }') == first  # the same alarm
+    assert key('{"id": 17, "tag": "TT-101", "value": 92, "alarm": "spindle hot", "extra": [1, 2]}') == first
+    assert key('{"id": 17, "tag": "PT-7", "value": 0.4, "alarm": "coolant low"}') != first  # a new alarm, old id
+    assert key('{"id": 17, "tag": "TT-101", "value": 95, "alarm": "spindle hot"}') != first  # another value
+    assert key('{"id": 17, "tag": "TT-101", "value": 92, "alarm": "spindle hot"}', who="gw2") != first
+    # Apart from every key of the old form (plc|<id>) and from every chat request's key (which hold a '|').
+    assert not first.startswith("plc|") and "|" not in first
+
+
 def test_discovery_components_carry_their_own_qos_and_the_answer_its_sources() -> None:
     """Home Assistant ignores a device-level qos for components: each one says QoS 1 itself, so a question asked
     while the daemon restarts is kept by the broker. An empty question cannot be sent (min 1)."""

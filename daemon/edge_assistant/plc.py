@@ -10,6 +10,7 @@ rate limited.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import string
@@ -62,6 +63,22 @@ def quote_field(value: object) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def alarm_key(request: Request, reply_topic: str) -> str:
+    """Identity of an alarm's request for the stored replies: a digest of everything that makes the request.
+
+    The canonical JSON (sorted keys, no spacing) of the reply topic and the request's id, text (the template filled
+    with the gateway and the quoted fields), persona, format, length and lookup values. The same alarm delivered
+    again, however its JSON was spelled, has the same key and gets its stored reply; a new alarm that reuses an id
+    (gateways' alarm ids are often counters that wrap or restart) differs in its fields and is explained anew.
+    ``plc:`` and hex digits only: never equal to a key of the old form (``plc|<id>``, still in a state directory
+    written before) nor to a chat request's key (which holds a ``|``).
+    """
+    canonical = json.dumps({"reply_topic": reply_topic, "id": request.id, "text": request.text,
+                            "persona": request.persona, "format": request.format, "max_tokens": request.max_tokens,
+                            "lookup": list(request.lookup)}, sort_keys=True, separators=(",", ":"))
+    return "plc:" + hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
 @dataclass
 class PlcGateway:
     """Turns alarm messages into requests: routing, templating, de-duplication and rate limits."""
@@ -106,7 +123,7 @@ class PlcGateway:
                        if str(fields.get(n, "")).strip())
         request = Request(text=text, persona=route.persona, id=rid, max_tokens=route.max_tokens, quoted=True,
                           format=route.format, lookup=lookup)
-        return PlcResult(Incoming(request, reply_topic, None, f"plc|{rid}"), "", reply_topic)
+        return PlcResult(Incoming(request, reply_topic, None, alarm_key(request, reply_topic)), "", reply_topic)
 
     def _fields(self, route: PlcRoute, payload: bytes) -> dict[str, object]:
         if len(payload) > route.max_payload_bytes:
