@@ -222,6 +222,48 @@ def test_plc_key_is_the_alarm_not_only_its_id() -> None:
     assert not first.startswith("plc|") and "|" not in first
 
 
+def test_plc_memory_stays_at_its_bounds() -> None:
+    """Alarm identities and gateway names come from payloads and topic levels: whatever arrives, at most
+    ``max_alarms`` and ``max_gateways`` are remembered, the least recently used forgotten first."""
+    gw = PlcGateway((PlcRoute(topic="plant/+/alarm", dedupe_window_s=300, rate_per_minute=1000),),
+                    max_alarms=8, max_gateways=4)
+    route = gw.routes[0]
+
+    def send(tag: str, now: float, who: str = "gw1") -> str:
+        res = gw.accept(route, f"plant/{who}/alarm", json.dumps({"tag": tag, "alarm": "x"}).encode(), now)
+        return "ok" if res.job else res.reason
+
+    for i in range(1000):
+        assert send(f"T{i}", i / 1000) == "ok"
+        assert gw.tracked(i / 1000) == (min(i + 1, 8), 1)
+    assert "already explained" in send("T999", 1.0)  # the newest are still remembered
+    assert send("T0", 1.0) == "ok"  # the oldest were forgotten: explained again
+    for i in range(1000):
+        send(f"G{i}", 2.0, who=f"gw-{i}")
+    assert gw.tracked(2.0) == (8, 4)
+
+
+def test_plc_entries_expire_after_their_window() -> None:
+    """An alarm is forgotten once its de-duplication window has passed, and a gateway's rate bucket once it has
+    been idle for a minute (it is full again by then): nothing is kept for alarms that stopped."""
+    gw = PlcGateway((PlcRoute(topic="plant/+/alarm", dedupe_window_s=10, rate_per_minute=2),))
+    route = gw.routes[0]
+
+    def send(tag: str, now: float, who: str = "gw1") -> str:
+        res = gw.accept(route, f"plant/{who}/alarm", json.dumps({"tag": tag, "alarm": "x"}).encode(), now)
+        return "ok" if res.job else res.reason
+
+    assert send("A", 0) == "ok" and send("B", 1, who="gw2") == "ok"
+    assert gw.tracked(9.9) == (2, 2)
+    assert gw.tracked(10.5) == (1, 2)  # A's window is over; B's is not
+    assert gw.tracked(11) == (0, 2)
+    assert gw.tracked(59.9) == (0, 2)
+    assert gw.tracked(60) == (0, 1)  # gw1 idle for a minute: its bucket is full, so it is dropped
+    assert gw.tracked(61) == (0, 0)
+    assert send("C", 62) == "ok" and send("D", 62) == "ok"  # a full bucket again, as if never dropped
+    assert "over its rate" in send("E", 62)
+
+
 def test_discovery_components_carry_their_own_qos_and_the_answer_its_sources() -> None:
     """Home Assistant ignores a device-level qos for components: each one says QoS 1 itself, so a question asked
     while the daemon restarts is kept by the broker. An empty question cannot be sent (min 1)."""
