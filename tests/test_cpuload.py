@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -64,6 +65,45 @@ def test_governor_gives_way_and_comes_back(caplog: pytest.LogCaptureFixture) -> 
         "generation threads 2/2 -> 1/1: other processes keep 1.0 of 2 CPUs busy",
         "generation threads 1/1 -> 2/2: other processes keep 0.0 of 2 CPUs busy",
     ]
+
+
+def test_governor_looks_from_one_thread_at_a_time() -> None:
+    """The engine and the embedder share one governor, called from the request worker and from a reload thread:
+    a look (reading the clocks, comparing with the last reading) runs for one caller at a time."""
+    wall = [0.0]
+    inside = [0]
+    overlapped: list[str] = []
+    guard = threading.Lock()
+    first_in = threading.Event()
+    second_in = threading.Event()
+
+    def sample() -> CpuSample:
+        with guard:
+            inside[0] += 1
+            if inside[0] > 1:
+                overlapped.append(threading.current_thread().name)
+            wall[0] += RECHECK_S
+            now = wall[0]
+        if threading.current_thread().name == "reload":
+            second_in.set()
+        elif not first_in.is_set():
+            first_in.set()
+            second_in.wait(1.0)  # the reload thread's chance to read the clocks in the middle of this look
+        with guard:
+            inside[0] -= 1
+        return CpuSample(now, now, now)
+
+    governor = ThreadGovernor(2, 2, 2, sample, sleep=lambda _s: None, clock=lambda: wall[0] + 10 * RECHECK_S)
+    results: dict[str, tuple[int, int]] = {}
+    worker = threading.Thread(target=lambda: results.update(worker=governor.now(starting=True)), name="worker")
+    worker.start()
+    assert first_in.wait(30)
+    reload = threading.Thread(target=lambda: results.update(reload=governor.now(starting=True)), name="reload")
+    reload.start()
+    worker.join(30)
+    reload.join(30)
+    assert overlapped == []
+    assert results == {"worker": (2, 2), "reload": (2, 2)}
 
 
 def test_context_threads_calls_llama_only_on_change() -> None:

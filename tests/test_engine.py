@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
 
 from edge_assistant import app
 from edge_assistant.config import Config, load_config
-from edge_assistant.engine import Engine
-from edge_assistant.messages import Request
+from edge_assistant.cpuload import ThreadGovernor
+from edge_assistant.engine import Engine, LlamaEmbedder
+from edge_assistant.messages import Request, Sampling
 from edge_assistant.pipeline import handle
 from edge_assistant.scheduler import Scheduler
 
@@ -150,3 +159,133 @@ def test_context_overflow_is_refused_before_generating(model_path) -> None:  # t
     assert ok.status == "ok" and ok.usage is not None
     assert ok.usage.prompt_tokens + ok.usage.completion_tokens <= 256
     runtime.close()
+
+
+GIVE_S = 1.0
+"""How long the first computation of each kind waits inside for one of the other kind to begin beside it: the
+chance an overlap gets to show (a wait, never a bound asserted)."""
+
+
+class Trace:
+    """Records when each computation on the model begins and ends, and on which thread."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str]] = []
+        self.entered = {"generate": threading.Event(), "embed": threading.Event()}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def computing(self, kind: str) -> Iterator[None]:
+        with self._lock:
+            first = not self.entered[kind].is_set()
+            self.events.append((kind, "in", threading.current_thread().name))
+        self.entered[kind].set()
+        if first:
+            self.entered["embed" if kind == "generate" else "generate"].wait(GIVE_S)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.events.append((kind, "out", threading.current_thread().name))
+
+    def overlaps(self) -> list[tuple[str, str, str]]:
+        """Events at which a computation began while one of the other kind was running."""
+        running = {"generate": 0, "embed": 0}
+        out = []
+        for kind, edge, thread in self.events:
+            if edge == "in":
+                if running["embed" if kind == "generate" else "generate"]:
+                    out.append((kind, edge, thread))
+                running[kind] += 1
+            else:
+                running[kind] -= 1
+        return out
+
+
+class FakeLlama:
+    """Just enough of ``llama_cpp.Llama`` for ``Engine`` (generation) and ``LlamaEmbedder`` (embeddings); each
+    computation is recorded in ``trace``."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+        self.metadata = {"general.architecture": "bert", "bert.pooling_type": "1"}
+        self.n_tokens = 0
+        self.input_ids: list[int] = []
+
+    def n_ctx(self) -> int:
+        return 512
+
+    def n_embd(self) -> int:
+        return 4
+
+    def token_eos(self) -> int:
+        return -1
+
+    def token_bos(self) -> int:
+        return -1
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        return [ord("a")] * max(1, len(text.split()))
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> bytes:
+        return b" w" * len(tokens)
+
+    def set_seed(self, seed: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def generate(self, prompt: list[int], **_kwargs: Any) -> Iterator[int]:
+        with self.trace.computing("generate"):
+            yield from (101, 102, 103)
+
+    def embed(self, text: str, normalize: bool = False, truncate: bool = True) -> list[float]:
+        with self.trace.computing("embed"):
+            return [1.0, float(len(text)), 0.0, 0.5]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("first", ["reload", "generation"])
+def test_a_reload_never_computes_beside_a_generation(monkeypatch: pytest.MonkeyPatch, first: str) -> None:
+    """One slot: a SIGHUP reload embeds the guard's examples on the reload thread while the request worker
+    generates. Whichever begins first, no embedding runs while a generation does, on the same model and governor."""
+    from edge_assistant import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_eog_check", lambda llm: lambda token: False)
+    trace = Trace()
+    settings = SimpleNamespace(n_gpu_layers=0, profile="test")
+    info = SimpleNamespace(path=Path("fake.gguf"), quantization="Q4_1", size=1)
+    choice = SimpleNamespace(parallel=1, invariant=True, n_ctx=512, info=info)
+    governor = ThreadGovernor(2, 2, 0)
+    engine = Engine(FakeLlama(trace), cast(Any, choice), cast(Any, settings), "0" * 64, governor)
+    embedder = LlamaEmbedder(FakeLlama(trace), None, governor, engine.run)
+    config = load_config(None, {"mqtt": {"enabled": False}})
+    plan = cast(Any, SimpleNamespace(choice=choice, settings=settings))
+    done: dict[str, Any] = {}
+
+    def generate() -> None:
+        sampling = Sampling(temperature=0.0, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, max_tokens=8,
+                            seed=1)
+        done["generation"] = engine.generate([{"role": "user", "content": "What is a collet?"}], sampling)
+
+    def reload() -> None:
+        done["reload"] = app.build_runtime(config, plan, engine, embedder, None)
+
+    threads = {"generation": threading.Thread(target=generate, name="request-worker"),
+               "reload": threading.Thread(target=reload, name="reload")}
+    second = "reload" if first == "generation" else "generation"
+    threads[first].start()
+    assert trace.entered["generate" if first == "generation" else "embed"].wait(30)
+    threads[second].start()
+    for t in threads.values():
+        t.join(60)
+    assert not any(t.is_alive() for t in threads.values())
+    assert done["generation"].text == " w w w" and done["generation"].completion_tokens == 3
+    examples = config.personas["factory"].guard
+    assert sum(1 for kind, edge, _ in trace.events if kind == "embed" and edge == "in") == (
+        len(examples.on_topic) + len(examples.off_topic))  # the reload embedded every example
+    assert {thread for kind, _, thread in trace.events if kind == "embed"} == {"reload"}
+    assert trace.overlaps() == []

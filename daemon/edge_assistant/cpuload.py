@@ -8,12 +8,14 @@ again when they stop. The thread count does not change answers on the CPU backen
 tests), so this costs no determinism.
 
 The governor is called by whichever thread computes with llama.cpp: the request worker, or with parallel slots the
-decode thread (which then also runs the embeddings: ``slots.SlotDecoder.call``).
+decode thread (which then also runs the embeddings: ``slots.SlotDecoder.call``); embeddings also on a start-up or
+reload thread. It holds a lock of its own, so those threads never step on each other's readings.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,7 +79,14 @@ def psutil_sampler(cpus: Sequence[int]) -> Callable[[], CpuSample]:
 
 
 class ThreadGovernor:
-    """The thread counts to run with now: the planned ones, less the CPUs other processes keep busy."""
+    """The thread counts to run with now: the planned ones, less the CPUs other processes keep busy.
+
+    One governor serves a model's engine and its embedder. ``now`` is called by the thread about to compute: the
+    scheduler's request worker (generation, and the answer check's embeddings), the slots' decode thread (with
+    parallel slots: generation and every embedding), a start-up thread (the guard's examples embedded at load),
+    the reload thread (a reload's new examples), and ``Engine.run``'s short-lived thread for the main thread. A
+    lock makes each look (read the clocks, compare with the last reading, decide) one step, whichever thread calls.
+    """
 
     def __init__(self, n_threads: int, n_threads_batch: int, usable_cpus: int,
                  sampler: Callable[[], CpuSample] | None = None,
@@ -90,20 +99,27 @@ class ThreadGovernor:
         self._clock = clock  # the sampler's clock: checked before reading /proc/stat on every token
         self._last: CpuSample | None = None
         self._now = self.planned
+        self._lock = threading.Lock()
         self.others = 0.0
         """CPUs other processes kept busy at the last look."""
 
     def now(self, starting: bool = False) -> tuple[int, int]:
         """(generation threads, prompt threads) for the next step; ``starting`` marks the start of a request."""
-        if self._sample is None:
+        sample = self._sample
+        if sample is None:
             return self.planned
+        with self._lock:
+            return self._look(sample, starting)
+
+    def _look(self, sample: Callable[[], CpuSample], starting: bool) -> tuple[int, int]:
+        """One look at the load, with the lock held."""
         last = self._last
         if last is not None and self._clock() - last.wall < RECHECK_S:  # too short a window: the last answer stands
             return self._now
-        current = self._sample()
+        current = sample()
         if last is None or (starting and current.wall - last.wall > STALE_S):
             self._sleep(FRESH_WINDOW_S)
-            last, current = current, self._sample()
+            last, current = current, sample()
         self._last = current
         self.others = others_busy(last, current)
         n = threads_under_load(self.planned[0], self.usable_cpus, self.others)

@@ -16,8 +16,11 @@ Per request the engine also applies what the sampling names: a persona's LoRA ad
 mapped model, switched on the context; the prefix cache is only reused under the adapter it was computed with), a
 GBNF grammar (a JSON reply's schema), and stop strings. Its thread counts follow the machine's load (``cpuload``).
 
-The engine is synchronous. With one slot the scheduler's one request worker is its only caller; with several,
-each of the scheduler's request workers calls ``generate``, and only the slots' decode thread touches the context.
+The engine is synchronous. With one slot the scheduler's one request worker generates, holding the engine's lock
+for the whole generation; every other llama.cpp computation on the model (the guard's embeddings, also those a
+reload computes on its own thread) goes through ``Engine.run``, which takes the same lock, so none overlaps a
+generation. With several slots each of the scheduler's request workers calls ``generate``, and only the slots'
+decode thread computes: generations, and the embeddings ``Engine.run`` hands it.
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ class Engine:
         self.governor = governor
         """Lowers the thread counts while other processes keep the CPUs busy (None: the planned counts)."""
         self._threads = ContextThreads(governor, _thread_setter(llm))
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        """Held for every computation on the model with one slot: a generation (whose answer check embeds, so the
+        generating thread takes it again), ``run``'s computations, adapters, ``close``."""
         self.choice = choice
         self.settings = settings
         self.sha256 = sha256
@@ -144,19 +149,25 @@ class Engine:
             self._llm.close()
 
     def run(self, fn: Callable[[], T]) -> T:
-        """``fn()`` (an embedding) where it does not slow generation down.
+        """``fn()`` (an embedding) where it neither overlaps a generation nor slows later ones down.
+
+        With slots ``fn`` runs on the decode thread between two steps. With one slot it runs under the generation
+        lock: a reload embedding the guard's new examples on the reload thread waits for the running generation
+        to end (they share the CPUs and the thread governor), and the generating thread itself (its answer check)
+        runs it at once.
 
         llama.cpp's OpenMP threads form a team per calling thread, and a computation on a second thread that lives
         on slowed every later step of the generating thread (133 to 90 tokens/s with slots; 115 to 55 with one
-        slot, after the main thread had embedded the guard's examples at start). With slots ``fn`` runs on the
-        decode thread between two steps; otherwise a call from the main thread (start-up) runs on a thread that
-        ends with it, and any other (the request worker, which generates) runs here.
+        slot, after the main thread had embedded the guard's examples at start). So a call from the main thread
+        runs on a thread that ends with it; other callers (the request worker, a start-up or reload thread, which
+        end) run it themselves.
         """
         if self._slots is not None:
             return self._slots.call(fn)
-        if threading.current_thread() is threading.main_thread():
-            return _on_short_thread(fn)
-        return fn()
+        with self._lock:
+            if threading.current_thread() is threading.main_thread():
+                return _on_short_thread(fn)
+            return fn()
 
     def load_adapters(self, files: Mapping[str, str]) -> dict[str, str]:
         """Load the LoRA adapters ``files`` names (where they are configured -> file) beside the model, once each;
@@ -442,6 +453,10 @@ class LlamaEmbedder:
         self._runner: Runner = runner or _call
         self._threads = ContextThreads(governor, _thread_setter(llm))
         self._lock = threading.Lock()
+        """Guards the remembered and recent embeddings; never held while computing (the runner may wait for a
+        generation whose answer check embeds too)."""
+        self._context = threading.Lock()
+        """Held while the context computes (inside the runner), and by ``close``."""
         self.cache_path = cache
         """Where remembered embeddings are kept across restarts (None: in memory only)."""
         self._cache: dict[str, Any] = {}
@@ -475,7 +490,7 @@ class LlamaEmbedder:
 
     def close(self) -> None:
         """Free the embedding context."""
-        with self._lock:
+        with self._context:
             self._llm.close()
 
     def embed(self, texts: Sequence[str], remember: bool = False) -> Any:
@@ -491,35 +506,40 @@ class LlamaEmbedder:
 
         rows = []
         new = 0
-        with self._lock:
-            for text in texts:
+        for text in texts:
+            with self._lock:
                 vec = self._cache.get(text)
                 if vec is None and text in self._recent:
                     self._recent.move_to_end(text)
                     vec = self._recent[text]
-                if vec is None:
-                    try:
-                        out = np.asarray(self._runner(functools.partial(self._compute, text)), dtype=np.float32)
-                        vec = out.mean(axis=0) if out.ndim == 2 else out
-                        vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
-                    except (RuntimeError, ValueError) as exc:  # llama_decode refused the batch: no vector
-                        log.warning("could not embed a text of %d characters (%s); it has no vector", len(text), exc)
-                        vec = np.zeros(self._llm.n_embd(), dtype=np.float32)
-                    else:
+            if vec is None:
+                computed = True
+                try:
+                    out = np.asarray(self._runner(functools.partial(self._compute, text)), dtype=np.float32)
+                    vec = out.mean(axis=0) if out.ndim == 2 else out
+                    vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
+                except (RuntimeError, ValueError) as exc:  # llama_decode refused the batch: no vector
+                    log.warning("could not embed a text of %d characters (%s); it has no vector", len(text), exc)
+                    vec = np.zeros(self._llm.n_embd(), dtype=np.float32)
+                    computed = False
+                with self._lock:
+                    if computed:
                         self._recent[text] = vec
                         if len(self._recent) > RECENT_EMBEDDINGS:
                             self._recent.popitem(last=False)
                     if remember:
                         self._cache[text] = vec
                         new += 1
-                rows.append(vec)
-            if new and self.cache_path is not None:
+            rows.append(vec)
+        if new and self.cache_path is not None:
+            with self._lock:
                 self._save()
         return np.asarray(rows, dtype=np.float32)
 
     def _compute(self, text: str) -> Any:
-        self._threads.update(starting=True)
-        return self._llm.embed(self._head(text), normalize=False, truncate=True)
+        with self._context:
+            self._threads.update(starting=True)
+            return self._llm.embed(self._head(text), normalize=False, truncate=True)
 
     def _head(self, text: str) -> str:
         """``text`` cut to its first ``MAX_EMBED_TOKENS`` tokens."""
