@@ -20,7 +20,10 @@ from mqttkit import Broker, Client, DaemonProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ROOT / "tests" / "data" / "devices"
-MODEL_DIR = Path(os.environ.get("EDGE_ASSISTANT_MODEL_DIR", ROOT / "models"))
+# The package does not guess a checkout: the tests name its models/ (fetched by set-up) to it, and to the daemons
+# and commands they start.
+os.environ.setdefault("EDGE_ASSISTANT_MODEL_DIR", str(ROOT / "models"))
+MODEL_DIR = Path(os.environ["EDGE_ASSISTANT_MODEL_DIR"])
 DEFAULT_MODEL = MODEL_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDING_MODEL = MODEL_DIR / "embedding" / "all-MiniLM-L6-v2.F16.gguf"
 QUANT_CACHE = ROOT / ".cache" / "test-models"

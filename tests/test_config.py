@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import edge_assistant
 from edge_assistant.config import load_config
 from edge_assistant.errors import ConfigError
 
@@ -115,3 +121,40 @@ def test_a_profile_override_out_of_range_is_a_config_error(tmp_path: Path, capsy
     bad.write_text(body)
     assert main(["detect", "--config", str(bad), "--log-level", "ERROR"]) == 78
     assert message in capsys.readouterr().err
+
+
+PATHS = """
+import json, edge_assistant, edge_assistant.config as c
+print(json.dumps({"package": edge_assistant.__file__, "state": str(c.state_directory()),
+                  "index": str(c.KnowledgeConfig().index_path()), "models": str(c.ModelConfig().directory())}))
+"""
+
+
+@pytest.mark.parametrize(("env", "state", "models"), [
+    ({}, "home/.local/state/edge-assistant", "home/.local/share/edge-assistant/models"),
+    ({"XDG_STATE_HOME": "{tmp}/xdg-state", "XDG_DATA_HOME": "{tmp}/xdg-data"},
+     "xdg-state/edge-assistant", "xdg-data/edge-assistant/models"),
+    ({"XDG_STATE_HOME": "relative/state"},
+     "home/.local/state/edge-assistant", "home/.local/share/edge-assistant/models"),
+    ({"STATE_DIRECTORY": "{tmp}/var/lib/edge-assistant"}, "var/lib/edge-assistant", "var/lib/edge-assistant/models"),
+    ({"EDGE_ASSISTANT_MODEL_DIR": "{tmp}/checkout/models"}, "home/.local/state/edge-assistant", "checkout/models"),
+], ids=["home", "xdg", "relative-xdg-ignored", "systemd", "explicit-models"])
+def test_installed_package_keeps_state_and_models_in_their_places(tmp_path: Path, env: dict[str, str], state: str,
+                                                                   models: str) -> None:
+    """The package imported from a copy, as from site-packages after ``pip install .``: state and models go to
+    systemd's directories or the XDG ones, never next to the installed package."""
+    site = tmp_path / "lib" / "site-packages"
+    shutil.copytree(Path(edge_assistant.__file__).parent, site / "edge_assistant",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("EDGE_ASSISTANT_MODEL_DIR", "STATE_DIRECTORY", "XDG_STATE_HOME", "XDG_DATA_HOME")}
+    run_env = {**clean, "HOME": str(tmp_path / "home"), "PYTHONPATH": str(site),
+               **{k: v.format(tmp=tmp_path) for k, v in env.items()}}
+    out = subprocess.run([sys.executable, "-c", PATHS], env=run_env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    paths = json.loads(out.stdout)
+    assert Path(paths["package"]).is_relative_to(site)  # the copy was imported, not the checkout
+    assert paths["state"] == str(tmp_path / state)
+    assert paths["index"] == str(tmp_path / state / "knowledge.sqlite")
+    assert paths["models"] == str(tmp_path / models)

@@ -58,8 +58,10 @@ def plan(config: Config, root: Path = Path("/"), voice: bool = False) -> Plan:
         if not infos and unreadable:  # files are there, but none is a readable model: corrupt, not missing
             raise ModelCorruptError(f"{directory}: no readable GGUF model ({'; '.join(unreadable)})")
         if not infos:
-            raise ModelMissingError(f"{directory}: no GGUF model. Run scripts/setup to fetch the default model, "
-                                    "or set model.dir")
+            raise ModelMissingError(f"{directory}: no GGUF model. Fetch the default model with "
+                                    f"scripts/fetch_models.py --model-dir {directory} (in a checkout, scripts/setup "
+                                    "fetches it into models/, which scripts/start uses), or set model.dir or "
+                                    "$EDGE_ASSISTANT_MODEL_DIR")
     choice = choose(infos, settings.quant_order, budget, settings.n_ctx, config.model.min_ctx, settings.parallel,
                     settings.determinism, offloaded=settings.n_gpu_layers != 0)
     return Plan(hw, settings, choice, tuple(unreadable))

@@ -123,11 +123,33 @@ class KnowledgeConfig:
         return Path(self.index).expanduser() if self.index else state_directory() / "knowledge.sqlite"
 
 
+APP_NAME = "edge-assistant"
+"""The directory name under the XDG base directories."""
+
+
 def state_directory() -> Path:
-    """Where the daemon keeps its state: systemd's ``$STATE_DIRECTORY``, else ``.cache`` in the checkout."""
+    """Where the daemon keeps its state (stored replies, the documents' index): systemd's ``$STATE_DIRECTORY``
+    (``StateDirectory=`` in the unit), else ``$XDG_STATE_HOME/edge-assistant``, else
+    ``~/.local/state/edge-assistant``. Never a place derived from where the package is installed."""
     if os.environ.get("STATE_DIRECTORY"):
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-    return Path(__file__).resolve().parents[2] / ".cache"
+    return _xdg("XDG_STATE_HOME", ".local/state") / APP_NAME
+
+
+def data_directory() -> Path:
+    """Where a user's installation keeps its data (the models): ``$XDG_DATA_HOME/edge-assistant``, else
+    ``~/.local/share/edge-assistant``."""
+    return _xdg("XDG_DATA_HOME", ".local/share") / APP_NAME
+
+
+def _xdg(variable: str, fallback: str) -> Path:
+    """An XDG base directory: the variable when it holds an absolute path (the specification ignores relative
+    ones), else ``fallback`` under the home directory."""
+    value = os.environ.get(variable, "")
+    if value and Path(value).is_absolute():
+        return Path(value)
+    return Path.home() / fallback
+
 
 
 @dataclass(frozen=True)
@@ -212,7 +234,8 @@ class ModelConfig:
     """Where the model comes from."""
 
     dir: str = ""
-    """Directory of GGUF files; empty: ``$EDGE_ASSISTANT_MODEL_DIR``, ``$STATE_DIRECTORY/models``, ``./models``."""
+    """Directory of GGUF files; empty: ``$EDGE_ASSISTANT_MODEL_DIR``, else ``$STATE_DIRECTORY/models`` (systemd),
+    else ``$XDG_DATA_HOME/edge-assistant/models`` (``~/.local/share/edge-assistant/models``)."""
     file: str = ""
     """Use this file (in ``dir`` or absolute) instead of choosing by profile."""
     sha256: str = ""
@@ -244,12 +267,13 @@ class ModelConfig:
 
     @staticmethod
     def default_directory() -> Path:
-        """The model directory when ``dir`` is empty."""
+        """The model directory when ``dir`` is empty. A checkout's scripts (``scripts/start``, ``scripts/setup``)
+        name the checkout's ``models/`` through ``$EDGE_ASSISTANT_MODEL_DIR``; the package never guesses it."""
         if os.environ.get("EDGE_ASSISTANT_MODEL_DIR"):
-            return Path(os.environ["EDGE_ASSISTANT_MODEL_DIR"])
+            return Path(os.environ["EDGE_ASSISTANT_MODEL_DIR"]).expanduser()
         if os.environ.get("STATE_DIRECTORY"):
             return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "models"
-        return Path(__file__).resolve().parents[2] / "models"
+        return data_directory() / "models"
 
     def embedding_path(self) -> Path | None:
         """The sentence-embedding model's file, or None to embed with the chat model. A relative path is looked
