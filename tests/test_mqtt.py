@@ -178,6 +178,46 @@ def test_invalid_utf8_and_forbidden_topic_and_no_reply_topic(broker: Broker, sha
     assert "Traceback" not in shared_daemon.text()
 
 
+def test_replies_never_go_to_the_daemons_own_topics(broker: Broker, shared_daemon: DaemonProcess,
+                                                    watcher: Client) -> None:
+    """A client names as its reply topic another device's requests, this daemon's own request, control, status or
+    answer topic, or the fleet's requests: nothing is published there (no loop between devices, no command, no
+    status overwritten), the log names each refusal, and the daemon keeps answering."""
+    forbidden = ["edge/dev2/request", "edge/dev1/request", "edge/dev1/control", "edge/dev1/status",
+                 "edge/dev1/answer", "edge/fleet/request"]
+    for topic in forbidden:
+        watcher.subscribe(topic)
+    question = json.dumps({"text": "What is a collet?", "max_tokens": 8})
+    # mosquitto_rr waits on another device's request topic for a reply that never comes.
+    out = subprocess.run(["mosquitto_rr", "-p", str(broker.port), "-u", "client", "-P", USERS["client"], "-V", "5",
+                          "-t", "edge/dev1/request", "-e", "edge/dev2/request", "-m", question, "-W", "10"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode != 0 and out.stdout == ""
+    for i, topic in enumerate(forbidden):
+        watcher.publish("edge/dev1/request", question, response_topic=topic, correlation=f"fb-{i}".encode())
+    watcher.publish("edge/dev1/request", json.dumps({"text": "What is a collet?", "reply_to": "edge/fleet/request"}))
+    watcher.publish("edge/dev1/request", json.dumps({"text": 5, "reply_to": "edge/dev1/status"}))  # malformed too
+    watcher.subscribe("edge/dev1/reply/fb-after")
+    watcher.publish("edge/dev1/request", question, response_topic="edge/dev1/reply/fb-after", correlation=b"after")
+    (after,) = watcher.wait_for("edge/dev1/reply/fb-after", timeout=120)
+    assert after.json()["status"] == "ok"
+
+    def is_reply(payload: bytes) -> bool:
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            return False
+        return isinstance(body, dict) and "done" in body
+
+    landed = {topic: [m.payload for m in watcher.on(topic) if is_reply(m.payload)] for topic in forbidden}
+    assert landed == {topic: [] for topic in forbidden}
+    assert [m.payload for m in watcher.on("edge/dev1/status")] == [b"online"]
+    log = shared_daemon.text()
+    for topic in forbidden:
+        assert f"forbidden_topic: response topic {topic!r} is the " in log, topic
+    assert "Traceback" not in log
+
+
 def test_health_and_status(broker: Broker, shared_daemon: DaemonProcess, watcher: Client) -> None:
     watcher.subscribe("edge/dev1/health")
     watcher.subscribe("edge/dev1/status")

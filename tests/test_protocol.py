@@ -13,7 +13,15 @@ from edge_assistant.config import PlcRoute
 from edge_assistant.errors import BadRequestError, ForbiddenTopicError, PayloadTooLargeError, RequestError
 from edge_assistant.messages import ErrorInfo, Reply
 from edge_assistant.plc import PlcGateway, quote_field, topic_match
-from edge_assistant.protocol import Topics, answer_payload, parse, reply_payload, salvage
+from edge_assistant.protocol import (
+    DEVICE_TOPICS,
+    Topics,
+    answer_payload,
+    check_reply_topic,
+    parse,
+    reply_payload,
+    salvage,
+)
 from edge_assistant.scheduler import PRIORITY_ALARM
 
 T = Topics("edge", "dev1")
@@ -119,6 +127,67 @@ def test_parse_never_crashes(payload: bytes) -> None:
         assert exc.code in {"bad_request", "payload_too_large", "forbidden_topic"} and exc.message
         return
     assert isinstance(inc.request.text, str)
+
+
+@pytest.mark.parametrize(("topic", "why"), [
+    ("edge/dev2/request", "the request topic of device 'dev2'"),  # another device's requests
+    ("edge/dev2/request/factory", "the request topic of device 'dev2'"),
+    ("edge/dev1/request", "the request topic of device 'dev1'"),  # its own: it would answer its own reply
+    ("edge/dev1/request/translator", "the request topic of device 'dev1'"),
+    ("edge/dev1/request/", "the request topic of device 'dev1'"),  # an empty level matches request/+
+    ("edge/fleet/request", "the request topic of the fleet"),
+    ("edge/fleet/request/factory", "the request topic of the fleet"),
+    ("edge/dev1/control", "the control topic of device 'dev1'"),  # a reply there is read as a command
+    ("edge/dev1/status", "the status topic of device 'dev1'"),  # retained online/offline, the Last Will
+    ("edge/dev1/health", "the health topic of device 'dev1'"),
+    ("edge/dev1/state", "the state topic of device 'dev1'"),
+    ("edge/dev1/answer", "the answer topic of device 'dev1'"),
+    ("edge/dev9/answer", "the answer topic of device 'dev9'"),
+    ("edge/dev1/voice/answer", "the voice topic of device 'dev1'"),
+])
+def test_reply_topics_never_the_daemons_own(topic: str, why: str) -> None:
+    """A reply published on a topic the daemons use would be read as a request (a loop between devices), a
+    command, a status or a dashboard value: such a reply topic is refused, as MQTT v5 Response Topic and as the
+    JSON ``reply_to`` alike."""
+    for kw in ({"response_topic": topic}, {}):
+        payload = "hi" if kw else json.dumps({"text": "hi", "reply_to": topic})
+        with pytest.raises(ForbiddenTopicError) as info:
+            p(payload, **kw)
+        assert info.value.code == "forbidden_topic" and why in info.value.message
+
+
+@pytest.mark.parametrize("topic", ["edge/dev1/reply/rr", "edge/x/r", "edge/dev1/requests", "edge/dev1",
+                                   "edge/dev1/reply/request", "edge/replies/dev1/status", "edge/status/reply/1"])
+def test_reply_topics_beside_the_daemons_own_are_allowed(topic: str) -> None:
+    assert p("hi", response_topic=topic).reply_topic == topic
+
+
+def test_home_assistant_topics_are_refused_whatever_the_allowed_prefix() -> None:
+    t = Topics("edge", "dev1", "ha/disc")
+    for topic in ("ha/disc/status", "ha/disc/device/edge-assistant-dev1/config", "ha/disc"):
+        with pytest.raises(ForbiddenTopicError, match="discovery prefix 'ha/disc'"):
+            check_reply_topic(topic, "", t)
+    assert check_reply_topic("ha/discs/x", "", t) == "ha/discs/x"
+    with pytest.raises(ForbiddenTopicError, match="discovery prefix 'homeassistant'"):
+        check_reply_topic("homeassistant/device/x/config", "home", T)
+
+
+def test_every_topic_the_daemon_builds_is_refused_as_a_reply_topic() -> None:
+    """The refused set is the topic layout itself: each topic ``Topics`` makes (whatever prefix, device and
+    discovery prefix) is reserved, so a topic added to the layout cannot be forgotten here."""
+    from edge_assistant.discovery import discovery_topic
+
+    for t in (T, Topics("plant/line-2/edge", "press-4", "ha")):
+        built = [getattr(t, name) for name, attr in vars(Topics).items()
+                 if isinstance(attr, property) and name != "base"]
+        built += [t.voice("answer"), discovery_topic(t.discovery_prefix, t.device)]
+        assert len(built) == len(DEVICE_TOPICS) + 3  # the fleet's requests, HA's status, the discovery topic
+        for topic in built:
+            assert t.reserved(topic), topic
+            with pytest.raises(ForbiddenTopicError):
+                check_reply_topic(topic, "", t)
+    with pytest.raises(ValueError, match="not one of the device topics"):
+        T._topic("reply")
 
 
 @pytest.mark.parametrize(("payload", "expected"), [

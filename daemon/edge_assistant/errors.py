@@ -147,6 +147,6 @@ class ExpiredError(RequestError):
 
 
 class ForbiddenTopicError(RequestError):
-    """The response topic lies outside the allowed prefix."""
+    """The response topic lies outside the allowed prefix, or is one of the daemons' own topics."""
 
     code = "forbidden_topic"

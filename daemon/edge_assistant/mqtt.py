@@ -75,7 +75,7 @@ class MqttService:
         self.scheduler = scheduler
         self.model, self.profile = model, profile
         m = config.mqtt
-        self.topics = protocol.Topics(m.prefix, config.device)
+        self.topics = protocol.Topics(m.prefix, config.device, m.discovery_prefix)
         self.allowed_prefix = m.response_prefix or f"{m.prefix}/"
         self.health = HealthSampler()
         self.plc = PlcGateway(config.plc)
@@ -169,7 +169,7 @@ class MqttService:
                 subs += [f"$share/{g}/{self.topics.fleet_request}", f"$share/{g}/{self.topics.fleet_request}/+"]
             subs += [route.topic for route in self.config.plc]
             if self.config.mqtt.discovery:
-                subs.append(f"{self.config.mqtt.discovery_prefix}/status")
+                subs.append(self.topics.home_assistant_status)
             client.subscribe([(t, SubscribeOptions(qos=1)) for t in subs])
             client.publish(self.topics.status, "online", qos=1, retain=True)
             self._publish_discovery()
@@ -215,7 +215,7 @@ class MqttService:
     def _dispatch(self, msg: paho.MQTTMessage) -> bool:
         """Route one message; returns True when the ack is deferred until the request is answered."""
         topic = msg.topic
-        if topic == f"{self.config.mqtt.discovery_prefix}/status":
+        if topic == self.topics.home_assistant_status:
             if msg.payload == b"online":
                 log.info("Home Assistant is online: republishing discovery")
                 self._publish_discovery()
@@ -266,7 +266,7 @@ class MqttService:
         """
         reply_to, rid, persona = protocol.salvage(payload, self.config.limits.max_payload_bytes)
         try:
-            reply_topic = protocol.check_reply_topic(response_topic or reply_to, self.allowed_prefix)
+            reply_topic = protocol.check_reply_topic(response_topic or reply_to, self.allowed_prefix, self.topics)
         except RequestError:
             reply_topic = ""
         rid = rid or (protocol.correlation_text(correlation) if correlation else "")
@@ -349,7 +349,7 @@ class MqttService:
 
     def publish_voice(self, kind: str, data: dict[str, Any]) -> None:
         """A voice event (wake, partial, final, answer, barge_in) on ``<prefix>/<device>/voice/<kind>``."""
-        self.client.publish(f"{self.topics.base}/voice/{kind}", json.dumps(data, ensure_ascii=False), qos=0)
+        self.client.publish(self.topics.voice(kind), json.dumps(data, ensure_ascii=False), qos=0)
 
     # -- health -----------------------------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ Requests arrive on ``<prefix>/<device>/request[/<persona>]`` (or the fleet topic
 text, or a JSON object with ``text`` and optionally ``persona``, ``id``, ``reply_to``, ``stream``,
 ``max_tokens``, ``temperature``, ``format`` (``json`` for a reply that follows the persona's schema), or a JSON
 string (Node-RED). MQTT v5 clients set Response Topic and
-Correlation Data; MQTT 3.1.1 clients put ``reply_to`` and ``id`` in the JSON.
+Correlation Data; MQTT 3.1.1 clients put ``reply_to`` and ``id`` in the JSON. A reply topic is the client's word,
+so it is checked: under the allowed prefix, and none of the topics the daemons themselves use (``Topics.reserved``).
 """
 
 from __future__ import annotations
@@ -24,52 +25,89 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
     "text": str, "persona": str, "id": (str, int), "reply_to": str, "stream": bool, "max_tokens": int,
     "temperature": (int, float), "format": str}
 
+FLEET = "fleet"
+"""The device level of requests to the whole fleet."""
+
+DEVICE_TOPICS = ("request", "control", "status", "health", "state", "answer", "voice")
+"""The topics under ``<prefix>/<device>/`` that each daemon subscribes to or publishes on: ``Topics`` builds every
+one of its topics from these names, and no reply goes to any of them, of any device (``Topics.reserved``)."""
+
 
 @dataclass(frozen=True)
 class Topics:
-    """Every topic the daemon uses, derived from the prefix and the device id."""
+    """Every topic the daemon uses, derived from the prefix, the device id and Home Assistant's discovery prefix."""
 
     prefix: str
     device: str
+    discovery_prefix: str = "homeassistant"
 
     @property
     def base(self) -> str:
         return f"{self.prefix}/{self.device}"
 
+    def _topic(self, name: str, device: str = "") -> str:
+        """``<prefix>/<device>/<name>``: the one way a device topic is made, so ``reserved`` knows them all."""
+        if name not in DEVICE_TOPICS:
+            raise ValueError(f"{name!r} is not one of the device topics {DEVICE_TOPICS}")
+        return f"{self.prefix}/{device or self.device}/{name}"
+
     @property
     def request(self) -> str:
         """Requests to this device; a persona may follow as one more level."""
-        return f"{self.base}/request"
+        return self._topic("request")
 
     @property
     def fleet_request(self) -> str:
         """Requests to any device of the fleet (subscribed through a shared subscription)."""
-        return f"{self.prefix}/fleet/request"
+        return self._topic("request", FLEET)
 
     @property
     def status(self) -> str:
         """Retained ``online``/``offline``; also the Last Will."""
-        return f"{self.base}/status"
+        return self._topic("status")
 
     @property
     def health(self) -> str:
         """Periodic health JSON."""
-        return f"{self.base}/health"
+        return self._topic("health")
 
     @property
     def state(self) -> str:
         """Retained ``{"busy", "queue_depth"}``, published whenever either changes."""
-        return f"{self.base}/state"
+        return self._topic("state")
 
     @property
     def answer(self) -> str:
         """The last answer, for dashboards and Home Assistant (every reply is copied here)."""
-        return f"{self.base}/answer"
+        return self._topic("answer")
 
     @property
     def control(self) -> str:
         """Commands (cancel, push-to-talk)."""
-        return f"{self.base}/control"
+        return self._topic("control")
+
+    def voice(self, kind: str) -> str:
+        """A voice event (``wake``, ``partial``, ``final``, ``answer``, ``barge_in``)."""
+        return f"{self._topic('voice')}/{kind}"
+
+    @property
+    def home_assistant_status(self) -> str:
+        """Home Assistant's birth message (``online``): discovery is published again."""
+        return f"{self.discovery_prefix}/status"
+
+    def reserved(self, topic: str) -> str:
+        """Why ``topic`` is one the daemons use themselves, or ``""``: a device topic of any device (each name of
+        ``DEVICE_TOPICS``, and any level below it), the fleet's requests among them, or anything under the
+        discovery prefix. A reply there would be read as a request, a command, a status or a discovery message."""
+        levels = topic.split("/")
+        own = self.prefix.split("/")
+        if levels[:len(own)] == own and len(levels) > len(own) + 1 and levels[len(own) + 1] in DEVICE_TOPICS:
+            device, name = levels[len(own)], levels[len(own) + 1]
+            return f"the {name} topic of {'the fleet' if device == FLEET else f'device {device!r}'}"
+        home = self.discovery_prefix.split("/")
+        if self.discovery_prefix and levels[:len(home)] == home:
+            return f"under Home Assistant's discovery prefix {self.discovery_prefix!r}"
+        return ""
 
     def persona_of(self, topic: str) -> str:
         """The persona named by a request topic's last level, or ``""``."""
@@ -94,14 +132,18 @@ class Incoming:
     """Identity for de-duplication: the same key is answered once."""
 
 
-def check_reply_topic(topic: str, allowed_prefix: str) -> str:
-    """``topic`` if it is a plain topic under ``allowed_prefix``; else ``ForbiddenTopicError``."""
+def check_reply_topic(topic: str, allowed_prefix: str, topics: Topics) -> str:
+    """``topic`` if it is a plain topic under ``allowed_prefix`` and not one the daemons use themselves
+    (``Topics.reserved``); else ``ForbiddenTopicError``."""
     if not topic:
         return ""
     if any(c in topic for c in "#+\x00") or topic.startswith("$"):
         raise ForbiddenTopicError(f"response topic {topic!r} has wildcards or a reserved prefix")
     if not topic.startswith(allowed_prefix):
         raise ForbiddenTopicError(f"response topic {topic!r} is outside the allowed prefix {allowed_prefix!r}")
+    why = topics.reserved(topic)
+    if why:
+        raise ForbiddenTopicError(f"response topic {topic!r} is {why}: replies never go to the daemons' own topics")
     return topic
 
 
@@ -169,7 +211,7 @@ def parse(topics: Topics, topic: str, payload: bytes, *, max_bytes: int, allowed
           response_topic: str = "", correlation: bytes | None = None) -> Incoming:
     """Turn one MQTT message into an ``Incoming``; faults raise ``RequestError`` subclasses."""
     data = decode_payload(payload, max_bytes)
-    reply_topic = check_reply_topic(response_topic or str(data.get("reply_to", "")), allowed_prefix)
+    reply_topic = check_reply_topic(response_topic or str(data.get("reply_to", "")), allowed_prefix, topics)
     rid = str(data.get("id", "")) or (correlation_text(correlation) if correlation else "")
     persona = topics.persona_of(topic)
     if data.get("persona") and persona and data["persona"] != persona:
