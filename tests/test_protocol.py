@@ -15,6 +15,7 @@ from edge_assistant.messages import ErrorInfo, Reply
 from edge_assistant.plc import PlcGateway, quote_field, topic_match
 from edge_assistant.protocol import (
     DEVICE_TOPICS,
+    RANGES,
     Topics,
     answer_payload,
     check_reply_topic,
@@ -69,8 +70,8 @@ def test_lone_surrogate_escapes_are_bad_requests(payload: str) -> None:
 @pytest.mark.parametrize(("payload", "match"), [
     ("[" * 3000 + "]" * 3000, "nested too deeply"),
     ('{"text": "hi", "max_tokens": ' + "9" * 5000 + "}", "cannot be read"),
-    ('{"text": "hi", "temperature": ' + "9" * 400 + "}", "finite"),
-    ('{"text": "hi", "temperature": 1e999}', "finite"),
+    ('{"text": "hi", "temperature": ' + "9" * 400 + "}", "out of range"),
+    ('{"text": "hi", "temperature": 1e999}', "out of range"),
     ('{"text": "hi", "max_tokens": ' + "9" * 40 + "}", "out of range"),
 ])
 def test_hostile_json_is_a_bad_request(payload: str, match: str) -> None:
@@ -98,7 +99,7 @@ def test_persona_from_topic() -> None:
     ('{"text": "a", "extra": 1}', {}, BadRequestError, "unknown field 'extra'"),
     ('{"text": "a", "stream": "yes"}', {}, BadRequestError, "'stream' has the wrong type"),
     ('{"text": "a", "max_tokens": true}', {}, BadRequestError, "'max_tokens' has the wrong type"),
-    ('{"text": "a", "temperature": NaN}', {}, BadRequestError, "finite"),
+    ('{"text": "a", "temperature": NaN}', {}, BadRequestError, "'temperature' is out of range"),
     ('{"id": "x"}', {}, BadRequestError, "'text' is missing"),
     ("{oops", {}, BadRequestError, "does not parse"),
     ("[1, 2]", {}, BadRequestError, "must be an object or a string"),
@@ -188,6 +189,72 @@ def test_every_topic_the_daemon_builds_is_refused_as_a_reply_topic() -> None:
                 check_reply_topic(topic, "", t)
     with pytest.raises(ValueError, match="not one of the device topics"):
         T._topic("reply")
+
+
+def test_a_byte_order_mark_does_not_hide_json() -> None:
+    """Windows tools write UTF-8 with a BOM: the JSON after one is still read as JSON, fields and all."""
+    inc = p("\ufeff" + json.dumps({"text": "What is a collet?", "max_tokens": 5, "id": "bom"}))
+    assert (inc.request.text, inc.request.max_tokens, inc.request.id) == ("What is a collet?", 5, "bom")
+    assert p("\ufeffWhat is a collet?").request.text == "What is a collet?"
+    assert p('\ufeff"What is a collet?"').request.text == "What is a collet?"
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    (b'\x00{"text": "hi", "max_tokens": 5}', "control character U+0000 at position 0"),
+    (b"What is\x00 a collet?", "control character U+0000 at position 7"),
+    (b"\x1b[2Jhello", "control character U+001B"),
+    (b"bell\x07", "control character U+0007"),
+    ("next line\u0085".encode(), "control character U+0085"),
+    (b'{"text": "a\\u0000b"}', "field 'text' holds the control character U+0000"),
+    (b'{"text": "hi", "id": "x\\u0000"}', "field 'id' holds the control character U+0000"),
+    (b'{"text": "hi", "persona": "\\u001bfactory"}', "field 'persona' holds the control character U+001B"),
+])
+def test_control_characters_are_bad_requests(payload: bytes, message: str) -> None:
+    with pytest.raises(BadRequestError) as info:
+        p(payload)
+    assert message in info.value.message
+
+
+def test_tab_and_line_breaks_are_text() -> None:
+    assert p(b"Line one\r\nline two\tcolumn").request.text == "Line one\r\nline two\tcolumn"
+    assert p(b'{"text": "a\\nb\\tc", "id": "x\\ny"}').request.id == "x\ny"  # the log escapes it
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", -2), ("max_tokens", 2**31),
+    ("temperature", -3), ("temperature", 99), ("temperature", -0.001), ("temperature", 2.0001),
+    ("temperature", 1e308),
+])
+def test_numbers_out_of_range_are_bad_requests_naming_the_range(field: str, value: float) -> None:
+    with pytest.raises(BadRequestError) as info:
+        p(json.dumps({"text": "hi", field: value}))
+    assert info.value.message == f"field {field!r} is out of range: {RANGES[field][2]}"
+
+
+def test_ranges_say_their_bounds() -> None:
+    assert RANGES["max_tokens"][2] == "an integer from 1 to 2147483647"
+    assert RANGES["temperature"][2] == "a number from 0 to 2"
+    for field, (low, high, _) in RANGES.items():
+        for value in (low, high):
+            inc = p(json.dumps({"text": "hi", field: value}))
+            assert getattr(inc.request, field) == value
+
+
+def test_every_sampling_setting_a_request_may_set_has_a_range() -> None:
+    from dataclasses import fields
+
+    from edge_assistant.messages import Sampling
+    from edge_assistant.protocol import FIELDS
+
+    assert {f.name for f in fields(Sampling)} & set(FIELDS) == set(RANGES)
+
+
+@pytest.mark.parametrize("field", ["top_p", "top_k", "min_p", "repeat_penalty", "seed"])
+def test_persona_sampling_fields_are_not_a_requests(field: str) -> None:
+    with pytest.raises(BadRequestError) as info:
+        p(json.dumps({"text": "hi", field: 1}))
+    assert info.value.message == (f"field {field!r} is the persona's sampling setting, not a request's (a request "
+                                  "may set max_tokens and temperature)")
 
 
 @pytest.mark.parametrize(("payload", "expected"), [

@@ -6,24 +6,48 @@ text, or a JSON object with ``text`` and optionally ``persona``, ``id``, ``reply
 string (Node-RED). MQTT v5 clients set Response Topic and
 Correlation Data; MQTT 3.1.1 clients put ``reply_to`` and ``id`` in the JSON. A reply topic is the client's word,
 so it is checked: under the allowed prefix, and none of the topics the daemons themselves use (``Topics.reserved``).
+A UTF-8 byte-order mark before the payload is dropped; a control character other than tab, line feed and carriage
+return, in the payload or in a string field, is a bad request, and so is a sampling value out of its range
+(``RANGES``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import BadRequestError, ForbiddenTopicError, PayloadTooLargeError
-from .messages import Reply, Request
+from .messages import Reply, Request, Sampling
 
 FIELDS: dict[str, type | tuple[type, ...]] = {
     "text": str, "persona": str, "id": (str, int), "reply_to": str, "stream": bool, "max_tokens": int,
     "temperature": (int, float), "format": str}
+
+RANGES: dict[str, tuple[int | float, int | float, str]] = {
+    "max_tokens": (1, 2**31 - 1, "an integer from 1 to 2147483647"),
+    "temperature": (0, 2, "a number from 0 to 2"),
+}
+"""The sampling settings a request may set, each with its bounds (inclusive) and how an error names them. ``max_tokens``
+bounds the answer: llama.cpp's ``n_predict`` is a 32-bit integer whose -1 and -2 (Ollama's ``num_predict``) mean
+"no bound", which a request may not ask for; values above ``limits.max_tokens_ceiling`` are clamped to it.
+``temperature``: 0 is greedy decoding (llama.cpp samples greedily at 0 or below, so a negative value says nothing
+more); above 2 the distribution is close to uniform (OpenAI's API stops at 2 as well); values above
+``limits.temperature_ceiling`` are clamped to it. Every sampling setting a request may set has an entry."""
+
+PERSONA_SAMPLING = frozenset(f.name for f in fields(Sampling)) - set(FIELDS)
+"""Sampling settings a request cannot change (``top_k``, ``top_p``, ``min_p``, ``repeat_penalty``, ``seed``,
+...): they are the persona's, so the same request gives the same bytes."""
+
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+"""Control characters other than tab, line feed and carriage return: no text holds them (a NUL, an escape
+sequence), so a payload or a string field with one is refused."""
+
+BOM = "\ufeff"
 
 FLEET = "fleet"
 """The device level of requests to the whole fleet."""
@@ -152,9 +176,13 @@ def decode_payload(payload: bytes, max_bytes: int) -> dict[str, Any]:
     if len(payload) > max_bytes:
         raise PayloadTooLargeError(f"payload is {len(payload)} bytes; the limit is {max_bytes}")
     try:
-        text = payload.decode("utf-8")
+        text = payload.decode("utf-8").removeprefix(BOM)  # a byte-order mark is no text: JSON after one is JSON
     except UnicodeDecodeError as exc:
         raise BadRequestError(f"payload is not valid UTF-8 (byte {exc.start})") from exc
+    bad = CONTROL.search(text)
+    if bad:
+        raise BadRequestError(f"payload holds the control character U+{ord(bad.group()):04X} at position "
+                              f"{bad.start()}: a request is text (tab, line feed and carriage return aside)")
     stripped = text.strip()
     if not stripped.startswith(("{", '"', "[")):
         return {"text": text}
@@ -172,6 +200,9 @@ def decode_payload(payload: bytes, max_bytes: int) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRequestError(f"JSON payload must be an object or a string, got {type(data).__name__}")
     for key, value in data.items():
+        if key in PERSONA_SAMPLING:
+            raise BadRequestError(f"field {key!r} is the persona's sampling setting, not a request's (a request "
+                                  f"may set {' and '.join(RANGES)})")
         if key not in FIELDS:
             raise BadRequestError(f"unknown field {key!r} (known: {', '.join(FIELDS)})")
         want = FIELDS[key]
@@ -183,28 +214,27 @@ def decode_payload(payload: bytes, max_bytes: int) -> dict[str, Any]:
             _check_string(key, value)
     if "text" not in data:
         raise BadRequestError("field 'text' is missing")
-    if "temperature" in data:
-        try:
-            finite = math.isfinite(float(data["temperature"]))
-        except OverflowError:
-            finite = False
-        if not finite:
-            raise BadRequestError("field 'temperature' must be a finite number")
+    for key, (low, high, allowed) in RANGES.items():
+        if key in data and not low <= data[key] <= high:  # NaN and the infinities fail too
+            raise BadRequestError(f"field {key!r} is out of range: {allowed}")
     if data.get("format", "text") not in ("text", "json"):
         raise BadRequestError("field 'format' must be \"text\" or \"json\"")
-    if "max_tokens" in data and not -(2**31) < data["max_tokens"] < 2**31:
-        raise BadRequestError("field 'max_tokens' is out of range")
     if isinstance(data.get("id"), int) and not -(2**63) <= data["id"] < 2**63:
         raise BadRequestError("field 'id' is out of range")
     return data
 
 
 def _check_string(key: str, value: str) -> None:
-    """JSON can carry lone surrogate escapes (``"\\ud800"``) that are no text: refuse them here, not later."""
+    """JSON can carry escapes that are no text: lone surrogates (``"\\ud800"``) and control characters
+    (``"\\u0000"``): refuse them here, not later."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise BadRequestError(f"field {key!r} holds an escape that is not a character (position {exc.start})") from exc
+    bad = CONTROL.search(value)
+    if bad:
+        raise BadRequestError(f"field {key!r} holds the control character U+{ord(bad.group()):04X} at position "
+                              f"{bad.start()}")
 
 
 def parse(topics: Topics, topic: str, payload: bytes, *, max_bytes: int, allowed_prefix: str,
