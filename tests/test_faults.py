@@ -1,11 +1,16 @@
 """Faults against the real parts: a broker killed mid-stream, a daemon killed with requests queued, an exception
 inside generation, a voice source that fails, a full disk under the embedding cache, a model file replaced while
-serving. Nothing lost, nothing generated twice, every client gets a reply."""
+serving. Nothing lost, nothing generated twice, every client gets a reply. And what a request carries cannot forge
+a log line."""
 
 from __future__ import annotations
 
+import importlib
+import io
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,17 +18,23 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from edge_assistant import service
 from edge_assistant.messages import Generation, Message, Request, Sampling
+from edge_assistant.mqtt import MqttService
 from edge_assistant.pipeline import Runtime
 from edge_assistant.scheduler import Scheduler
+from edge_assistant.service import setup_logging
 
 from conftest import ROOT
+from fakes import FakeClient, FakeEngine, FakeMessage, FakeProps, fake_config, fake_runtime
 from mqttkit import Broker, Client, DaemonProcess, started_with_client, write_config
 
 Q = "Spindle 3 shows alarm 1012, coolant pressure low. What should I check first?"
@@ -272,3 +283,134 @@ def test_voice_source_fails_then_speech_is_answered(tmp_path: Path, runtime: Run
     assert any("device unplugged" in line for line in status)
     assert "final" in events and loop.replies and loop.replies[-1].status == "ok"
     assert (tmp_path / "out.wav").stat().st_size > 10000  # the answer was spoken
+
+
+FORGED = "2026-12-03 08:00:00,000 ERROR edge_assistant.service: FORGED LINE"
+RECORD_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+
+
+class Records(logging.Handler):
+    """Every record that reached the root logger, after the daemon's own handler (first) saw it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def daemon_logging() -> Iterator[Records]:
+    """The daemon's own logging (``service.setup_logging``) and the records it handled; the root logger's
+    handlers and level are put back afterwards."""
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    try:
+        setup_logging("INFO")
+        records = Records()
+        root.addHandler(records)
+        yield records
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved:
+            root.addHandler(h)
+        root.setLevel(level)
+
+
+@pytest.fixture
+def daemon_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[io.StringIO, Records]]:
+    """The daemon's log as plain stderr lines (not under systemd), written to a buffer."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    with daemon_logging() as records:
+        yield stream, records
+
+
+class RaisingEngine(FakeEngine):
+    """Fails with the question in its exception's message, as a library error quoting its input would."""
+
+    def generate(self, messages: list[Message], sampling: Sampling, on_text: Any = None, cancel: Any = None,
+                 deadline: float | None = None) -> Generation:
+        question = messages[-1]["content"]
+        if "explode" in question:
+            raise ValueError(f"cannot read {question}")
+        return super().generate(messages, sampling, on_text, cancel, deadline)
+
+
+def serve(engine: FakeEngine, messages: list[tuple[str, bytes, FakeProps]]) -> FakeClient:
+    """The MQTT service in process (a fake paho client, the real scheduler and pipeline over ``engine``): each
+    message handled, every request acknowledged."""
+    config = fake_config(device_id="dev1", mqtt={"enabled": True, "discovery": False, "stream_window_ms": 0})
+    scheduler = Scheduler(fake_runtime(engine, config), queue_size=8)
+    scheduler.start()
+    client = FakeClient()
+    service = MqttService(config, scheduler, make_client=lambda: client)  # type: ignore[arg-type,return-value]
+    try:
+        for mid, (topic, payload, props) in enumerate(messages, 1):
+            service._on_message(client, None, FakeMessage(topic, payload, mid, 1, props))  # type: ignore[arg-type]
+        client.wait(lambda: len(client.acks) >= len(messages))
+    finally:
+        scheduler.stop(grace_s=1)
+    return client
+
+
+def test_request_values_cannot_forge_log_lines(daemon_log: tuple[io.StringIO, Records]) -> None:
+    """An id, correlation data, a topic level or an exception message holding a line break (or a NUL) is written
+    escaped: every record is one line that starts with the daemon's own time stamp and level, and the journald
+    fields of the record hold no control character either."""
+    stream, records = daemon_log
+    reply = FakeProps("edge/dev1/reply/log")
+    client = serve(RaisingEngine(), [
+        ("edge/dev1/request", json.dumps({"text": "What is a collet?", "id": f"x\n{FORGED}"}).encode(), reply),
+        ("edge/dev1/request", b"What is a reamer?", FakeProps("edge/dev1/reply/log", b"c\x00\r\n" + FORGED.encode())),
+        (f"edge/dev1/request/x\n{FORGED}", b'{"text": 5}', reply),
+        ("edge/dev1/request", json.dumps({"text": "explode\n" + FORGED, "id": "boom"}).encode(), reply),
+    ])
+    finals = [json.loads(p.payload) for p in client.on("edge/dev1/reply/log")]
+    assert [f["id"] for f in finals if f["status"] == "ok"] == [f"x\n{FORGED}", "c\x00\r\n" + FORGED]  # echoed
+    text = stream.getvalue()
+    lines = text.splitlines()
+    traceback_lines = [line for line in lines if not RECORD_START.match(line)]
+    assert all(line.startswith(("Traceback", "  ")) or line.startswith("ValueError: cannot read explode\\n")
+               for line in traceback_lines), traceback_lines  # frames of the one exception logged, its text escaped
+    assert len(lines) - len(traceback_lines) == len(records.records)  # one line per record
+    assert not [line for line in lines if line.startswith(FORGED)]
+    assert "\x00" not in text and "\r" not in text
+    assert f"request x\\n{FORGED}" in text and "c\\x00\\r\\n" + FORGED in text  # still there to read
+    assert f"bad request on edge/dev1/request/x\\n{FORGED}" in text
+    for record in records.records:
+        for key, value in vars(record).items():
+            if key.isupper() and isinstance(value, str):
+                assert value.isprintable(), (key, value)
+
+
+def test_journald_fields_carry_no_control_characters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under systemd each record goes to the journal as fields (``MESSAGE``, ``REQUEST_ID``, ...): what the real
+    ``JournalHandler`` that ``setup_logging`` installs would send holds request values only escaped."""
+    journal = importlib.import_module("systemd.journal")  # as setup_logging imports it (no stubs)
+    sent: list[dict[str, Any]] = []
+
+    def recording(**kw: Any) -> logging.Handler:
+        return journal.JournalHandler(  # type: ignore[no-any-return]
+            sender_function=lambda message, /, **fields: sent.append({"MESSAGE": message, **fields}), **kw)
+
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: SimpleNamespace(JournalHandler=recording)
+                        if name == "systemd.journal" else real_import(name, *a))
+    monkeypatch.setattr(service, "_stderr_is_journal", lambda: True)
+    with daemon_logging():
+        serve(FakeEngine(), [
+            ("edge/dev1/request", json.dumps({"text": "What is a collet?", "id": f"j\t\n{FORGED}"}).encode(),
+             FakeProps("edge/dev1/reply/j")),
+            ("edge/dev1/request", b"What is a reamer?", FakeProps("edge/dev1/reply/j", b"k\x01\n" + FORGED.encode())),
+        ])
+    ids = {s["REQUEST_ID"] for s in sent if s.get("REQUEST_ID")}
+    assert ids == {f"j\\t\\n{FORGED}", f"k\\x01\\n{FORGED}"}
+    for s in sent:
+        for key, value in s.items():
+            if key.isupper() and isinstance(value, str) and key != "EXCEPTION_TEXT":
+                assert value.isprintable(), (key, value)
+

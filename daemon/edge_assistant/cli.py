@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import app
+from . import app, logsafe
 from .config import Config, config_path_from_env, load_config
 from .errors import EdgeError
 from .hardware import HardwareInfo
@@ -457,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=(args.log_level or "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        logsafe.install(handler)
     try:
         return int(args.func(args))
     except EdgeError as exc:

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from . import app
+from . import app, logsafe
 from .config import Config, load_config, state_directory
 from .errors import EdgeError, VoiceError
 from .mqtt import MqttService
@@ -124,7 +124,7 @@ def setup_logging(level: str) -> None:
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
+    root.addHandler(logsafe.install(handler))  # request values are escaped: one record, one line
 
 
 def _stderr_is_journal() -> bool:
