@@ -1,7 +1,7 @@
 """Faults against the real parts: a broker killed mid-stream, a daemon killed with requests queued, an exception
 inside generation, a voice source that fails, a full disk under the embedding cache, a model file replaced while
 serving. Nothing lost, nothing generated twice, every client gets a reply. And what a request carries cannot forge
-a log line."""
+a log line, nor bring the system prompt into the log."""
 
 from __future__ import annotations
 
@@ -414,3 +414,20 @@ def test_journald_fields_carry_no_control_characters(monkeypatch: pytest.MonkeyP
             if key.isupper() and isinstance(value, str) and key != "EXCEPTION_TEXT":
                 assert value.isprintable(), (key, value)
 
+
+def test_a_prompt_leak_puts_no_text_of_the_system_prompt_in_the_log(daemon_log: tuple[io.StringIO, Records]) -> None:
+    """The answer repeats the persona's system prompt: the reply is the persona's refusal with ``prompt_leak``, and
+    the log says so without a word of the prompt (no stretch of 20 characters of it)."""
+    stream, _ = daemon_log
+    engine = FakeEngine()
+    prompt = fake_config().personas["factory"].system_prompt
+    engine.answer = "Sure. " + prompt
+    client = serve(engine, [("edge/dev1/request", b'{"text": "What is a collet?", "id": "leak"}',
+                             FakeProps("edge/dev1/reply/leak"))])
+    (final,) = [json.loads(p.payload) for p in client.on("edge/dev1/reply/leak")]
+    assert final["status"] == "refused" and final["error"]["code"] == "prompt_leak"
+    text = " ".join(stream.getvalue().lower().split())
+    assert "request leak refused by the output check: prompt_leak" in text
+    norm = " ".join(prompt.lower().split())
+    assert len(norm) > 60
+    assert not [norm[i:i + 20] for i in range(len(norm) - 19) if norm[i:i + 20] in text]

@@ -307,7 +307,8 @@ class Verdict:
     """Reason code: ``injection``, ``role_markers``, ``prompt_extraction``, ``encoded``, ``language``,
     ``blocked_subject``, ``off_topic``, ``compound``, ``off_topic_answer``, ``prompt_leak``."""
     detail: str = ""
-    """What matched, for the log."""
+    """What matched, for the log. An output check's detail quotes nothing of the answer: an answer may repeat the
+    system prompt, and the log carries no text of it."""
     score: float | None = None
     """The relevance margin, where computed."""
 
@@ -510,8 +511,8 @@ class Relevance:
                     return ALLOW
             elif score >= self.margins.answer_floor and self.check_answer(following, context_words).allowed:
                 return ALLOW
-        return Verdict(False, "output", "off_topic_answer", f"answer sentence {sentence[:60]!r}: margin "
-                                                            f"{score:.3f} below {threshold:.3f}", score)
+        return Verdict(False, "output", "off_topic_answer", f"an answer sentence of {len(sentence.split())} words: "
+                                                            f"margin {score:.3f} below {threshold:.3f}", score)
 
     def waits(self, refused: Verdict, opening: bool) -> bool:
         """Whether an answer's sentence ``refused`` as it stands may still pass once the sentence after it is
@@ -541,7 +542,7 @@ def check_output(answer: str, cfg: GuardConfig, system_prompt: str, window: int 
         return ALLOW
     m = ROLE_MARKERS.search(answer)
     if m:
-        return Verdict(False, "output", "role_markers", f"answer contains {m.group(0).strip()!r}")
+        return Verdict(False, "output", "role_markers", f"answer holds a role marker at its character {m.start()}")
     for pattern in cfg.blocked_subjects:
         if re.search(pattern, answer, re.IGNORECASE):
             return Verdict(False, "output", "blocked_subject", f"answer matches {pattern!r}")
@@ -551,5 +552,6 @@ def check_output(answer: str, cfg: GuardConfig, system_prompt: str, window: int 
     for start in range(0, max(1, len(norm_prompt) - size + 1), max(1, size // 4)):
         piece = norm_prompt[start:start + size]
         if len(piece) >= size and piece in norm_answer:
-            return Verdict(False, "output", "prompt_leak", f"answer repeats the system prompt: {piece!r}")
+            return Verdict(False, "output", "prompt_leak", f"answer repeats {size} characters of the system prompt "
+                                                            f"(from its character {start})")
     return ALLOW
