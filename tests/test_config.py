@@ -22,6 +22,7 @@ def test_defaults_ship_two_personas() -> None:
     assert config.personas["factory"].sampling.temperature == 0.0
     assert config.personas["translator"].mode == "translate"
     assert len(config.digest) == 64
+    assert config.limits.start_timeout_s == 600.0  # start-up is bounded unless a config says otherwise
 
 
 def test_user_file_merges_over_defaults(tmp_path: Path) -> None:
@@ -61,6 +62,8 @@ def test_user_file_merges_over_defaults(tmp_path: Path) -> None:
     ("[personas.factory]\nadapter_scale = 0.0\n", "personas.factory.adapter_scale: more than 0"),
     ("[[plc]]\ntopic = 'plant/+/alarm'\nformat = 'json'\n", r"plc\[0\].format: persona 'factory' has no schema"),
     ("[limits\n", "not valid TOML"),
+    ("[limits]\nstart_timeout_s = 0\n", "limits.start_timeout_s: more than 0, at most 86400"),
+    ("[limits]\nstart_timeout_s = 'ten minutes'\n", "limits.start_timeout_s: expected a number"),
 ])
 def test_errors_name_the_key(tmp_path: Path, body: str, message: str) -> None:
     path = tmp_path / "c.toml"

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from edge_assistant import errors
+from edge_assistant import errors, service
 
 from conftest import DEFAULT_MODEL, ROOT
 from conftest import EMBEDDING_MODEL as EMBEDDING
@@ -294,6 +294,55 @@ def test_startup_errors_exit_with_their_code(tmp_path: Path, broker: Broker) -> 
     d3 = DaemonProcess(cfg3).start()
     assert d3.wait(120) == errors.KnowledgeError.exit_code
     assert "cannot open the knowledge index" in d3.text() and "Traceback" not in d3.text()
+
+
+HANG = """
+import sys, threading
+from edge_assistant import app
+
+def hang(*args, **kwargs):  # a file on a mount that stopped answering: the read never returns
+    threading.Event().wait()
+
+setattr(app, sys.argv[1], hang)
+from edge_assistant.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.model
+@pytest.mark.broker
+@pytest.mark.parametrize(("step", "limit"), [("verify", 3), ("build_index", 10)], ids=["model", "documents"])
+def test_a_hang_at_start_ends_with_a_restartable_exit(tmp_path: Path, broker: Broker, notify: NotifySocket,
+                                                      step: str, limit: int) -> None:
+    """Reading the model (its SHA-256 check) or the documents (indexing) never returns: the daemon extends
+    systemd's start timeout only up to limits.start_timeout_s, then exits with a code systemd restarts, naming the
+    step and the limit; READY=1 never comes."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "alarms.md").write_text("# Alarms\nAlarm 1012: coolant pressure low.\n")
+    cfg = write_config(tmp_path / "c.toml", broker, f"hang-{step}",
+                       f'[knowledge]\npaths = ["{docs}"]\n[limits]\nstart_timeout_s = {limit}\n')
+    probe = tmp_path / "hang.py"
+    probe.write_text(HANG)
+    d = DaemonProcess(cfg, env={"NOTIFY_SOCKET": str(notify.path)})
+    d.proc = subprocess.Popen([sys.executable, str(probe), step, "--config", str(cfg), "--log-level", "INFO", "run"],
+                              stdout=d.log.open("ab"), stderr=subprocess.STDOUT, env=d.env, cwd=ROOT)
+    DaemonProcess.running.add(d)
+    assert d.wait(300) == errors.StartTimeoutError.exit_code
+    codes = {int(c) for c in _unit_directives()["RestartPreventExitStatus"][0].split()}
+    assert errors.StartTimeoutError.exit_code not in codes and _unit_directives()["Restart"] == ["on-failure"]
+    what = ("checking the SHA-256 of SmolLM2-135M-Instruct.Q4_1.gguf" if step == "verify"
+            else f"indexing the documents of {docs}")
+    message = f"start-up stopped: {what} did not end within limits.start_timeout_s ({limit} s)"
+    assert message in d.text() and "Traceback" not in d.text()
+    lines = notify.lines()
+    failed = next(i for i, m in enumerate(lines) if m.startswith("STATUS=failed: "))
+    assert message in lines[failed] and lines[failed + 1] == f"ERRNO={errors.StartTimeoutError.exit_code}"
+    assert "READY=1" not in lines
+    extends = [(i, int(m.partition("=")[2])) for i, m in enumerate(lines) if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert extends and all(i < failed for i, _ in extends)  # the extensions stopped; the exit came after them
+    # None reaches past the limit by more than the time the daemon has to say why it stops.
+    assert all(usec <= (limit + service.EXTEND_GRACE_S) * 1e6 for _, usec in extends)
 
 
 def _unit_directives() -> dict[str, list[str]]:

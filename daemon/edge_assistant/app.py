@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,14 @@ from .pipeline import Closable, Runtime
 from .profiles import Settings, default_profiles_dir, load_profiles, match, resolve
 
 log = logging.getLogger(__name__)
+
+Step = Callable[[str], None]
+"""Told each start-up step as it begins ("loading <file>", "indexing the documents of ..."), so that a step that
+hangs can be named."""
+
+
+def _quiet(_what: str) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -67,15 +76,19 @@ def plan(config: Config, root: Path = Path("/"), voice: bool = False) -> Plan:
     return Plan(hw, settings, choice, tuple(unreadable))
 
 
-def load(config: Config, the_plan: Plan) -> Runtime:
-    """Verify the chosen file's SHA-256, load it, index the documents, and build the runtime."""
+def load(config: Config, the_plan: Plan, step: Step = _quiet) -> Runtime:
+    """Verify the chosen file's SHA-256, load it, index the documents, and build the runtime; ``step`` is told
+    each step as it begins."""
     path = the_plan.choice.info.path
+    step(f"checking the SHA-256 of {path.name}")
     sha = verify(path, expected_sha256(path, config.model.sha256))
+    step(f"loading {path.name}")
     engine = Engine.load(the_plan.choice, the_plan.settings, sha)
     embedder = None
     try:
-        embedder = load_embedder(config, the_plan, sha, engine.governor, engine.run)
-        return build_runtime(config, the_plan, engine, embedder, open_knowledge(config))
+        embedder = load_embedder(config, the_plan, sha, engine.governor, engine.run, step)
+        knowledge = open_knowledge(config, step=step)
+        return build_runtime(config, the_plan, engine, embedder, knowledge, step)
     except BaseException:  # a bad adapter or index: nothing of the half-built runtime stays mapped
         for part in (embedder, engine):
             if part is not None:
@@ -84,11 +97,13 @@ def load(config: Config, the_plan: Plan) -> Runtime:
 
 
 def build_runtime(config: Config, the_plan: Plan, engine: Engine, embedder: LlamaEmbedder | None,
-                  knowledge: Retriever | None) -> Runtime:
+                  knowledge: Retriever | None, step: Step = _quiet) -> Runtime:
     """A runtime from loaded parts (a reload that keeps the model passes the running engine and embedder)."""
     chooser = engine if isinstance(engine, Chooser) else None
     adapters = engine.load_adapters({f"personas.{name}.adapter": p.adapter_path(config.model.directory())
                                      for name, p in config.personas.items() if p.adapter})
+    if embedder is not None:
+        step("embedding the guard's examples")
     relevance = {name: Relevance(p.guard, embedder, chooser) for name, p in config.personas.items()}
     resources: list[Closable] = [engine]
     if embedder is not None:
@@ -100,17 +115,18 @@ def build_runtime(config: Config, the_plan: Plan, engine: Engine, embedder: Llam
                    profile=the_plan.settings.profile, resources=tuple(resources), adapters=adapters)
 
 
-def open_knowledge(config: Config, reindex: bool = True) -> Retriever | None:
+def open_knowledge(config: Config, reindex: bool = True, step: Step = _quiet) -> Retriever | None:
     """Bring the index up to date with ``[knowledge] paths`` and open it; None when no documents are configured."""
     if not config.knowledge.paths:
         return None
     if reindex:
+        step(f"indexing the documents of {', '.join(config.knowledge.paths)}")
         build_index(config.knowledge)
     return Retriever.open(config.knowledge)
 
 
 def load_embedder(config: Config, the_plan: Plan, sha256: str, governor: ThreadGovernor | None = None,
-                  runner: Runner | None = None) -> LlamaEmbedder | None:
+                  runner: Runner | None = None, step: Step = _quiet) -> LlamaEmbedder | None:
     """The guard's embedding model, when a persona's guard uses embeddings: the sentence-embedding model of
     ``[model] embedding`` (checked against its ``.sha256`` sidecar), or a second context on the chat model.
 
@@ -132,6 +148,7 @@ def load_embedder(config: Config, the_plan: Plan, sha256: str, governor: ThreadG
         sha256 = verify(path, expected_sha256(path))
         inspect(path)  # a truncated or foreign file: ModelCorruptError naming it, before llama.cpp sees it
     cache = path.with_name(f".{path.name}.{sha256[:16]}.embeddings.npz")
+    step(f"loading the guard's embedding model {path.name}")
     try:
         return LlamaEmbedder.load(str(path), the_plan.settings.n_threads, cache, governor, runner)
     except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"

@@ -151,7 +151,6 @@ def _xdg(variable: str, fallback: str) -> Path:
     return Path.home() / fallback
 
 
-
 @dataclass(frozen=True)
 class PersonaConfig:
     """A persona: a system prompt, few-shot examples and a sampling preset (like an Ollama Modelfile)."""
@@ -308,6 +307,9 @@ class Limits:
     remember_replies: int = 256
     """Replies kept by request key (in the state directory, across restarts): a copy of a request answered
     before gets its reply again instead of a second generation."""
+    start_timeout_s: float = 600.0
+    """Start-up (choosing the model, loading it, loading the voice models, indexing the documents) taking longer
+    ends the process with ``start_timeout`` (exit code 75) naming the step that hung; systemd restarts it."""
 
     def __post_init__(self) -> None:
         if self.temperature_ceiling < 0:
@@ -320,6 +322,8 @@ class Limits:
             raise ValueError("watchdog_stall_s: must be 0 (automatic) or more")
         if self.remember_replies < 1:
             raise ValueError("remember_replies: must be 1 or more")
+        if not 0 < self.start_timeout_s <= 86400:
+            raise ValueError("start_timeout_s: more than 0, at most 86400 (a day)")
 
 
 @dataclass(frozen=True)

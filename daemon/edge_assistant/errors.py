@@ -90,6 +90,17 @@ class KnowledgeError(EdgeError):
     exit_code = 74  # EX_IOERR
 
 
+class StartTimeoutError(EdgeError):
+    """A start-up step (choosing, loading or indexing) did not end within ``limits.start_timeout_s``.
+
+    Not listed in the unit's ``RestartPreventExitStatus``: a hang may be passing (a slow disk, a stuck mount), so
+    systemd restarts the service.
+    """
+
+    code = "start_timeout"
+    exit_code = 75  # EX_TEMPFAIL
+
+
 class BrokerAuthError(EdgeError):
     """The broker refused the credentials, or the password could not be read."""
 

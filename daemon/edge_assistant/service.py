@@ -3,6 +3,11 @@
 ``READY=1`` is sent once the model is loaded and the broker connected; ``WATCHDOG=1`` only while the request loop
 makes progress (a generation stuck past its bound stops the pings, and systemd restarts the service);
 ``STOPPING=1`` on shutdown. Without systemd every notification is a no-op.
+
+Start-up is bounded by ``limits.start_timeout_s``: each step (choosing the model, loading it, indexing the
+documents, loading the voice models) runs on a thread of its own while the main thread waits for it, sending
+``EXTEND_TIMEOUT_USEC`` that never reach past that bound; a step still running at the bound ends the process with
+``StartTimeoutError`` (exit code 75) naming the step, and systemd restarts the service.
 """
 
 from __future__ import annotations
@@ -19,20 +24,27 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import app, logsafe
 from .config import Config, load_config, state_directory
-from .errors import EdgeError, VoiceError
+from .errors import EdgeError, StartTimeoutError, VoiceError
 from .mqtt import MqttService
 from .pipeline import Runtime
 from .replystore import MemoryReplies, ReplyStore, SqliteReplies
 from .scheduler import Scheduler
+from .slots import Call
 
 if TYPE_CHECKING:
     from .voice import VoiceLoop  # imported when voice is on: numpy and the audio stack stay unloaded otherwise
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+EXTEND_GRACE_S = 10.0
+"""How far past the start-up bound the last ``EXTEND_TIMEOUT_USEC`` reaches: the time the daemon has to say why it
+stops before systemd's own start timeout ends it (the backstop should the process be unable to exit)."""
 
 
 def _systemd_notify() -> Callable[[str], Any] | None:
@@ -87,20 +99,31 @@ class Notifier:
 
 
 class _Extender:
-    """Sends ``EXTEND_TIMEOUT_USEC`` every few seconds while a slow start-up step runs."""
+    """Sends ``EXTEND_TIMEOUT_USEC`` every few seconds while a slow start-up step runs; with a ``deadline``
+    (``time.monotonic()``) never past it and ``EXTEND_GRACE_S``, and none once it has passed."""
 
-    def __init__(self, notifier: Notifier, every_s: float = 5.0) -> None:
-        self.notifier, self.every_s = notifier, every_s
+    def __init__(self, notifier: Notifier, deadline: float | None = None, every_s: float = 5.0) -> None:
+        self.notifier, self.deadline, self.every_s = notifier, deadline, every_s
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="extend-timeout", daemon=True)
 
+    def _extend(self) -> bool:
+        """Send one extension; False once the deadline has passed (nothing sent)."""
+        usec = self.every_s * 3
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                return False
+            usec = min(usec, left + EXTEND_GRACE_S)
+        self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(usec * 1e6)}")
+        return True
+
     def _run(self) -> None:
-        while not self._done.wait(self.every_s):
-            self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(self.every_s * 3 * 1e6)}")
+        while not self._done.wait(self.every_s) and self._extend():
+            pass
 
     def __enter__(self) -> _Extender:
-        if self.notifier.enabled:
-            self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(self.every_s * 3 * 1e6)}")
+        if self.notifier.enabled and self._extend():
             self._thread.start()
         return self
 
@@ -163,6 +186,10 @@ class Daemon:
         self.fatal: EdgeError | None = None
         """An error that stopped the daemon after start (the process exits with its code)."""
         self._loaded_file: tuple[str, int, int, int] | None = None
+        self._start_deadline = 0.0
+        """``time.monotonic()`` by which start-up must have ended (set by ``run``)."""
+        self._doing = ""
+        """The start-up step running now, as the timeout names it."""
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -175,17 +202,30 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
         n = self.notifier
-        n.status("detecting hardware and choosing a model")
-        self.plan = app.plan(self.config, voice=self.config.voice.enabled)
-        choice = self.plan.choice
-        n.status(f"loading {choice.info.path.name} ({choice.info.quantization}, profile {self.plan.settings.profile})"
-                 + (" and indexing the documents" if self.config.knowledge.paths else ""))
-        with _Extender(n):
-            runtime = app.load(self.config, self.plan)
+        self._start_deadline = time.monotonic() + self.config.limits.start_timeout_s
+        try:
+            n.status("detecting hardware and choosing a model")
+            self.plan = self._start_step("detecting the hardware and choosing a model",
+                                         lambda: app.plan(self.config, voice=self.config.voice.enabled))
+            choice = self.plan.choice
+            n.status(f"loading {choice.info.path.name} ({choice.info.quantization}, profile "
+                     f"{self.plan.settings.profile})" + (" and indexing the documents" if self.config.knowledge.paths
+                                                         else ""))
+            plan = self.plan
+            runtime = self._start_step(f"loading {choice.info.path.name}",
+                                       lambda: app.load(self.config, plan, self._started_step))
+        except _StoppedDuringStartError:
+            return self._stopped_during_start()
         self._loaded_file = _identity(choice.info.path)
         self.scheduler = Scheduler(runtime, self.config.limits.queue_size, self._reply_store())
         self.scheduler.start()
-        voice = self._make_voice(self.scheduler)  # before the broker: 'online' means every door is open
+        try:
+            voice = self._make_voice(self.scheduler)  # before the broker: 'online' means every door is open
+        except (_StoppedDuringStartError, StartTimeoutError) as exc:
+            self.scheduler.stop(grace_s=0.0)  # its thread would keep the process from exiting
+            if isinstance(exc, StartTimeoutError):
+                raise
+            return self._stopped_during_start()
         if self.config.mqtt.enabled:
             n.status(f"connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
             self.mqtt = self._make_mqtt(self.config)
@@ -195,6 +235,35 @@ class Daemon:
         n.send("READY=1")
         n.status(self._serving_status())
         return self._loop()
+
+    def _start_step(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` on a thread of its own, waited for until the start-up deadline while ``EXTEND_TIMEOUT_USEC``
+        keeps systemd waiting too. A step still running at the deadline raises ``StartTimeoutError`` naming it
+        (``what``, or the finer step ``fn`` reported last); SIGTERM meanwhile stops the start."""
+        self._doing = what
+        job = Call(fn)
+        worker = threading.Thread(target=job.run, name="start", daemon=True)  # a hung one must not hold the exit
+        with _Extender(self.notifier, self._start_deadline):
+            worker.start()
+            while not job.done.wait(max(0.0, min(self._start_deadline - time.monotonic(), 1.0))):
+                if self._stop.is_set():
+                    raise _StoppedDuringStartError
+                if time.monotonic() >= self._start_deadline:
+                    limit = self.config.limits.start_timeout_s
+                    raise StartTimeoutError(f"start-up stopped: {self._doing} did not end within "
+                                            f"limits.start_timeout_s ({limit:g} s); exiting so that the service "
+                                            "is started again")
+        return job.outcome()  # type: ignore[no-any-return]
+
+    def _started_step(self, what: str) -> None:
+        """A finer start-up step began (called on the start thread)."""
+        self._doing = what
+        self.notifier.status(what)
+
+    def _stopped_during_start(self) -> int:
+        log.info("stopped during start-up, while %s", self._doing)
+        self.notifier.send("STOPPING=1")
+        return 0
 
     def _reply_store(self) -> ReplyStore:
         """Replies by request key in the state directory, so a request redelivered after a crash is not generated
@@ -223,10 +292,11 @@ class Daemon:
         from .voice import VoiceLoop, open_sink, open_source
 
         self.notifier.status("loading the voice models")
+        voice = self.config.voice
         try:
-            with _Extender(self.notifier):
-                return VoiceLoop.load(self.config.voice, self.config, scheduler, open_source(self.config.voice),
-                                      open_sink(self.config.voice), self._voice_event, self.notifier.status)
+            return self._start_step("loading the voice models", lambda: VoiceLoop.load(
+                voice, self.config, scheduler, open_source(voice), open_sink(voice), self._voice_event,
+                self.notifier.status))
         except VoiceError as exc:
             log.error("voice is off: %s; MQTT keeps serving", exc.message)
             self.voice_error = exc.message
@@ -377,6 +447,10 @@ class Daemon:
             self.mqtt.start(wait_s=30.0)
         else:
             self.mqtt.config = new
+
+
+class _StoppedDuringStartError(Exception):
+    """SIGTERM or SIGINT arrived while a start-up step ran."""
 
 
 def _identity(path: Path) -> tuple[str, int, int, int] | None:
