@@ -87,7 +87,7 @@ def load(config: Config, the_plan: Plan, step: Step = _quiet) -> Runtime:
     embedder = None
     try:
         embedder = load_embedder(config, the_plan, sha, engine.governor, engine.run, step)
-        knowledge = open_knowledge(config, step=step)
+        knowledge = open_knowledge(config, embedder, step=step)
         return build_runtime(config, the_plan, engine, embedder, knowledge, step)
     except BaseException:  # a bad adapter or index: nothing of the half-built runtime stays mapped
         for part in (embedder, engine):
@@ -115,14 +115,33 @@ def build_runtime(config: Config, the_plan: Plan, engine: Engine, embedder: Llam
                    profile=the_plan.settings.profile, resources=tuple(resources), adapters=adapters)
 
 
-def open_knowledge(config: Config, reindex: bool = True, step: Step = _quiet) -> Retriever | None:
-    """Bring the index up to date with ``[knowledge] paths`` and open it; None when no documents are configured."""
+def open_knowledge(config: Config, embedder: LlamaEmbedder | None = None, reindex: bool = True,
+                   step: Step = _quiet) -> Retriever | None:
+    """Bring the index up to date with ``[knowledge] paths`` and open it; None when no documents are configured.
+
+    A sentence-embedding model (``embedder`` of kind ``sentence``) gives the passages vectors, and retrieval goes by
+    meaning as well as words; a chat model's hidden states are no sentence embedding, and are not used for it.
+    """
     if not config.knowledge.paths:
         return None
+    sentence = embedder if embedder is not None and embedder.kind == "sentence" else None
     if reindex:
         step(f"indexing the documents of {', '.join(config.knowledge.paths)}")
-        build_index(config.knowledge)
-    return Retriever.open(config.knowledge)
+        build_index(config.knowledge, sentence)
+    return Retriever.open(config.knowledge, sentence)
+
+
+def knowledge_embedder(config: Config) -> LlamaEmbedder | None:
+    """The sentence-embedding model for indexing and searching the documents outside the daemon (``knowledge``
+    commands): that of ``[model] embedding``, when it is there; None (words only) otherwise."""
+    path = config.model.embedding_path()
+    if path is None or not path.is_file():
+        return None
+    _hw, settings = plan_settings(config)
+    try:
+        return LlamaEmbedder.load(str(path), settings.n_threads)
+    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+        raise ModelCorruptError(f"{path}: llama.cpp cannot load it as an embedding model ({exc})") from exc
 
 
 def load_embedder(config: Config, the_plan: Plan, sha256: str, governor: ThreadGovernor | None = None,
@@ -135,6 +154,8 @@ def load_embedder(config: Config, the_plan: Plan, sha256: str, governor: ThreadG
     """
     needed = any(p.guard.relevance == "embedding" and p.guard.strictness != "off" and p.guard.on_topic
                  for p in config.personas.values())
+    # The documents' passages are embedded too, to be retrieved by meaning.
+    needed = needed or (bool(config.knowledge.paths) and any(p.knowledge.enabled for p in config.personas.values()))
     if not needed:
         return None
     path = config.model.embedding_path()

@@ -16,6 +16,7 @@ from . import app, logsafe
 from .config import Config, config_path_from_env, load_config
 from .errors import EdgeError
 from .hardware import HardwareInfo
+from .knowledge import Retriever, build_index, choose
 from .messages import Reply, Request
 from .models import MIB
 from .profiles import Settings
@@ -319,53 +320,71 @@ def cmd_persona(args: argparse.Namespace) -> int:
 
 
 def cmd_knowledge(args: argparse.Namespace) -> int:
-    from .knowledge import Retriever, build_index
-
     config = _config(args)
     kcfg = config.knowledge
     if not kcfg.paths:
         print("edge-assistant: no documents configured: set [knowledge] paths in the config", file=sys.stderr)
         return 78
-    if args.action == "index":
-        report = build_index(kcfg)
-        if args.json:
-            print(json.dumps(asdict(report), indent=2))
-            return 0
-        print(f"Index {kcfg.index_path()}: {report.chunks} passages, digest {report.digest[:16]}")
-        print(f"  added {len(report.added)}, updated {len(report.updated)}, removed {len(report.removed)}, "
-              f"unchanged {report.unchanged}; {report.pages} pages read in {report.seconds:.2f} s")
-        for line in report.skipped:
-            print(f"  skipped: {line}")
-        return 0
-    retriever = Retriever.open(kcfg)
+    embedder = app.knowledge_embedder(config)
     try:
-        if args.action == "list":
-            docs = retriever.documents()
+        if args.action == "index":
+            report = build_index(kcfg, embedder)
             if args.json:
-                print(json.dumps([asdict(d) for d in docs], indent=2))
+                print(json.dumps(asdict(report), indent=2))
                 return 0
-            print(f"Index {kcfg.index_path()} (digest {retriever.digest[:16]}):")
-            for d in docs:
-                print(f"  {d.name:<40} {d.kind:<8} {d.pages:4d} pages {d.chunks:5d} passages  {d.sha256[:12]}")
+            print(f"Index {kcfg.index_path()}: {report.chunks} passages, digest {report.digest[:16]}")
+            print(f"  added {len(report.added)}, updated {len(report.updated)}, removed {len(report.removed)}, "
+                  f"unchanged {report.unchanged}; {report.pages} pages read, {report.embedded} units embedded in "
+                  f"{report.seconds:.2f} s")
+            for line in report.skipped:
+                print(f"  skipped: {line}")
             return 0
-        text = " ".join(args.text)
-        t0 = time.monotonic()
-        found = retriever.search(text, limit=args.limit)
-        ms = (time.monotonic() - t0) * 1000
-        covered = [p for p in found if p.coverage >= retriever.min_coverage]
-        if args.json:
-            print(json.dumps({"query": text, "ms": round(ms, 2), "covered": bool(covered),
-                              "passages": [asdict(p) for p in found]}, ensure_ascii=False, indent=2))
-            return 0
-        print(f"{len(found)} passage(s) in {ms:.1f} ms; "
-              + ("covered" if covered else f"NOT covered (no passage reaches coverage {retriever.min_coverage:g})"))
-        for i, p in enumerate(found, 1):
-            print(f"\n[{i}] {p.document}, {p.location}  match={p.matched} coverage={p.coverage:.2f} "
-                  f"bm25={p.score:.3f}")
-            print("    " + " ".join(p.text.split())[:400])
-        return 0
+        retriever = Retriever.open(kcfg, embedder)
+        try:
+            return _knowledge_read(args, retriever)
+        finally:
+            retriever.close()
     finally:
-        retriever.close()
+        if embedder is not None:
+            embedder.close()
+
+
+def _knowledge_read(args: argparse.Namespace, retriever: Retriever) -> int:
+    """``knowledge list`` and ``knowledge search``: what is indexed, and what a question finds and why."""
+    if args.action == "list":
+        docs = retriever.documents()
+        if args.json:
+            print(json.dumps([asdict(d) for d in docs], indent=2))
+            return 0
+        print(f"Index {retriever.path} (digest {retriever.digest[:16]}):")
+        for d in docs:
+            print(f"  {d.name:<40} {d.kind:<8} {d.pages:4d} pages {d.chunks:5d} passages  {d.sha256[:12]}")
+        return 0
+    text = " ".join(args.text)
+    t0 = time.monotonic()
+    found = retriever.find(text, limit=args.limit)
+    choice = choose(found, retriever.dense, retriever.min_coverage)
+    ms = (time.monotonic() - t0) * 1000
+    answered = choice is not None and choice.supported
+    if args.json:
+        print(json.dumps({"query": text, "ms": round(ms, 2), "covered": answered,
+                          "choice": asdict(choice) if choice is not None else None,
+                          "passages": [asdict(p) for p in found.passages]}, ensure_ascii=False, indent=2))
+        return 0
+    how = "by meaning and words" if retriever.dense else "by words only (no sentence vectors)"
+    print(f"{len(found.passages)} passage(s) in {ms:.1f} ms, {how}")
+    if choice is None:
+        print("NOT covered: no passage holds any of the question's words")
+    else:
+        verdict = "answers" if answered else "does NOT answer"
+        print(f"best unit ({choice.unit.kind}) {verdict}: score {choice.score:.3f} = similarity "
+              f"{choice.similarity:.3f} + cover {choice.cover:.2f} - foreign {choice.foreign:.2f} (weighted)")
+        print("    " + " ".join(choice.text.split())[:400])
+    for i, p in enumerate(found.passages, 1):
+        print(f"\n[{i}] {p.document}, {p.location}  match={p.matched} fused={p.score:.4f} "
+              f"similarity={p.similarity:.3f}")
+        print("    " + " ".join(p.text.split())[:400])
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -163,6 +163,12 @@ class Passage:
     """``identifier`` (its row), ``identifier-text`` (mentioned in the text) or ``words``."""
     row_id: str = ""
     """A CSV row's identifier."""
+    kind: str = ""
+    """What the chunk is: ``section``, ``text``, ``page`` or ``row`` (as the reader made it)."""
+    similarity: float = 0.0
+    """Cosine similarity of the question to the chunk's closest unit (0 without sentence vectors)."""
+    chunk: int = 0
+    """The chunk's id in the index."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,9 @@ class Reply:
     """In ``json`` format: the answer parsed, valid against the persona's schema (``text`` holds it as JSON)."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Model hash, quantization, seed, sampling, config hash, backend, index digest: what made this answer."""
+    grounded: bool | None = None
+    """For an answer (``ok``): true when it comes from the plant's documents (``sources`` name them), false when
+    the model answered alone; None on errors and refusals."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object sent to clients (empty optional fields left out; ``text`` always there)."""

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from .config import Config, PersonaConfig
 from .errors import RequestError, UnknownPersonaError
 from .guard import GuardConfig, Relevance, Verdict, check_input, check_output, content_words
-from .knowledge import Retriever, answer_from_row, quote_answer, sources_of
+from .knowledge import Choice, Retriever, answer_from_row, choose, sources_of
 from .messages import ErrorInfo, Generation, Message, Passage, Reply, Request, Sampling, Usage, error_reply
 from .personas import build_messages
 from .sampling import policy
@@ -132,12 +132,16 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
         if not verdict.allowed:
             return _refuse(request, persona_name, persona.guard, verdict)
         passages: list[Passage] = []
+        choice: Choice | None = None
         retrieval_ms: float | None = None
         # A PLC alarm is looked up by its fields (code, tag, alarm text), not by the prompt built around them.
         query = " ".join(request.lookup) if request.quoted and request.lookup else request.text
         if persona.knowledge.enabled and rt.knowledge is not None:
             t0 = time.monotonic()
-            passages = rt.knowledge.retrieve(query, limit=persona.knowledge.passages, strict_ids=not request.quoted)
+            found = rt.knowledge.find(query, limit=persona.knowledge.passages, strict_ids=not request.quoted)
+            choice = choose(found, rt.knowledge.dense, rt.knowledge.min_coverage)
+            if choice is not None and choice.supported:
+                passages = list(found.passages)
             retrieval_ms = round((time.monotonic() - t0) * 1000, 2)
         covered = bool(passages)  # the documents widen the domain: what they cover is on topic
         relevance = rt.relevance.get(persona_name) if not request.quoted else None
@@ -162,15 +166,19 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
         if persona.adapter:
             sampling = replace(sampling, adapter=persona.adapter_path(config.model.directory()),
                                adapter_scale=persona.adapter_scale)
-        direct = None if as_json else _direct_answer(rt, persona, query, passages)
+        direct = None if as_json else _direct_answer(persona, passages, choice)
         if direct is not None:
             text, cited, how = direct
+            # A quote is the documents' text, but it goes through the same output checks as generated text.
+            out_verdict = check_output(text, guard, persona.system_prompt)
+            if not out_verdict.allowed:
+                return _refuse(request, persona_name, persona.guard, out_verdict)
             if on_text is not None:
                 on_text(text)
             usage = Usage(0, 0, "stop", 0.0, 0.0, 0.0, False, retrieval_ms)
             return Reply(id=request.id, status="ok", text=text, persona=persona_name, usage=usage,
                          sources=sources_of(cited, quoted=text),
-                         provenance={**rt.provenance(sampling), "answer": how})
+                         provenance={**rt.provenance(sampling), "answer": how}, grounded=True)
         gen, refused = _generate(rt, persona, request, passages, sampling, on_text, cancel, deadline, progress,
                                  relevance)
     except RequestError as exc:
@@ -207,7 +215,7 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
                      error=ErrorInfo(finish, message), usage=usage, sources=sources,
                      provenance=rt.provenance(sampling))
     return Reply(id=request.id, status="ok", text=gen.text.strip(), persona=persona_name, usage=usage,
-                 sources=sources, data=data, provenance=rt.provenance(sampling))
+                 sources=sources, data=data, provenance=rt.provenance(sampling), grounded=bool(sources))
 
 
 def _parse_json(text: str, persona: PersonaConfig) -> tuple[Any, list[str]]:
@@ -220,22 +228,20 @@ def _parse_json(text: str, persona: PersonaConfig) -> tuple[Any, list[str]]:
     return data, validate(data, persona.grammar.schema)
 
 
-def _direct_answer(rt: Runtime, persona: PersonaConfig, query: str, passages: list[Passage],
+def _direct_answer(persona: PersonaConfig, passages: list[Passage], choice: Choice | None,
                    ) -> tuple[str, list[Passage], str] | None:
     """An answer in the documents' own words, where the persona asks for one: the table row a question names by
-    its identifier (``row``), or the sentences that answer it (``quote``); with the passages to cite, the quoted
-    one first."""
-    if not passages or rt.knowledge is None:
+    its identifier (``row``), or the unit of the documents that answers it (``quote``); with the passages to cite,
+    the quoted one first."""
+    if not passages or choice is None:
         return None
     if persona.knowledge.row_answers == "direct":
         row = answer_from_row(passages)
         if row is not None:
             return row, [passages[0]], "row"
     if persona.knowledge.prose_answers == "quote" and passages[0].matched != "identifier":
-        quoted = quote_answer(query, passages, rt.knowledge.weights(query))
-        if quoted is not None:
-            text, passage = quoted
-            return text, [passage, *(p for p in passages if p is not passage)], "quote"
+        passage = passages[choice.passage]
+        return choice.text, [passage, *(p for p in passages if p is not passage)], "quote"
     return None
 
 

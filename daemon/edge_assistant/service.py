@@ -390,7 +390,7 @@ class Daemon:
             same_file = _identity(plan.choice.info.path) == self._loaded_file
             if current is not None and same_file and (new.model, new.profile) == (old.model, old.profile):
                 n.status("reloading: configuration and documents")
-                knowledge = app.open_knowledge(new)
+                knowledge = app.open_knowledge(new, current.embedder)
                 runtime = app.build_runtime(new, self.plan, current.engine, current.embedder,  # type: ignore[arg-type]
                                             knowledge)
             else:

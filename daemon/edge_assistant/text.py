@@ -15,16 +15,18 @@ import re
 
 import snowballstemmer
 
-WORD = re.compile(r"[^\W_]+", re.UNICODE)
+WORD = re.compile(r"\d+(?:[.,]\d+)+|[^\W_]+", re.UNICODE)
+"""A word: a decimal number (``1.5``), or a run of letters and digits, split as FTS5's ``unicode61`` tokenizer splits
+the index (at an apostrophe too: ``coolant's`` is ``coolant`` and ``s``)."""
 LIST_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+")
 """A numbered (``1.``, ``2)``) or bulleted (``-``, ``*``, ``•``) list item."""
-SENTENCE_BREAK = re.compile(r"(?<=[.!?。！？])\s+(?=[\"'(\[A-Z0-9])|(?<=[。！？])")
+SENTENCE_BREAK = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])\s+(?=[\"'(\[A-Z0-9])|(?<=[\u3002\uff01\uff1f])")
 ABBREVIATIONS = frozenset(["no", "nr", "e.g", "i.e", "approx", "fig", "ca", "max", "min", "vs", "etc", "incl", "ref",
                            "mr", "mrs", "dr", "st", "cf", "pp", "vol"])
 """Abbreviations that end in a full stop without ending the sentence."""
 
 # The Snowball English stop-word list (snowballstem.org/algorithms/english/stop.txt), as published.
-STOPWORDS = frozenset("""
+_SNOWBALL_ENGLISH = """
 i me my myself we us our ours ourselves you your yours yourself yourselves he him his himself she her hers herself
 it its itself they them their theirs themselves what which who whom this that these those am is are was were be
 been being have has had having do does did doing would should could ought i'm you're he's she's it's we're they're
@@ -34,7 +36,8 @@ mustn't let's that's who's what's here's there's when's where's why's how's a an
 while of at by for with about against between into through during before after above below to from up down in out
 on off over under again further then once here there when where why how all any both each few more most other some
 such no nor not only own same so than too very
-""".split())
+"""
+STOPWORDS = frozenset(_SNOWBALL_ENGLISH.split())
 
 
 @functools.cache

@@ -1,14 +1,15 @@
-"""The plant's own documents: read (``readers``), indexed in SQLite (``index``), retrieved per question
-(``retrieve``) and quoted with their citations (``answer``)."""
+"""The plant's own documents: read (``readers``), indexed in SQLite with sentence vectors (``index``), retrieved per
+question by words and meaning (``retrieve``), and answered in their own words with citations (``answer``)."""
 
-from .answer import answer_from_row, answer_kind, quote_answer, row_text, sentences_of, sources_of
-from .identifiers import identifiers_in, normalize_id, question_phrases, question_words
-from .index import IndexReport, build_index
+from .answer import Choice, answer_from_row, choose, sources_of
+from .identifiers import identifiers_in, normalize_id
+from .index import DocumentInfo, Embedder, IndexReport, build_index
 from .readers import UnreadableError, find_documents, read_csv, read_document, read_markdown, read_pdf, read_text
-from .retrieve import DocumentInfo, Retriever
+from .retrieve import Found, Retriever
+from .units import Unit, row_text, units_of
 
 __all__ = [
-    "DocumentInfo", "IndexReport", "Retriever", "UnreadableError", "answer_from_row", "answer_kind", "build_index",
-    "find_documents", "identifiers_in", "normalize_id", "question_phrases", "question_words", "quote_answer",
-    "read_csv", "read_document", "read_markdown", "read_pdf", "read_text", "row_text", "sentences_of", "sources_of",
+    "Choice", "DocumentInfo", "Embedder", "Found", "IndexReport", "Retriever", "Unit", "UnreadableError",
+    "answer_from_row", "build_index", "choose", "find_documents", "identifiers_in", "normalize_id", "read_csv",
+    "read_document", "read_markdown", "read_pdf", "read_text", "row_text", "sources_of", "units_of",
 ]

@@ -1,17 +1,181 @@
-"""Answers in the documents' own words, and their citations: built from the retrieved passages, never from the model's
-text."""
+"""Answers in the documents' own words, whether the documents answer at all, and the citations.
+
+The answer is the one unit of the retrieved passages (``units``: a title, a sentence, a step, a table row) that is
+closest to the question, by meaning (the cosine of their sentence vectors) together with words (the question's
+words it holds, each weighted by its rarity in the documents). A title stands for its section: a question closest to
+a procedure's title gets the whole procedure, first step to last, with its warnings. A question closest to one step
+(the value it holds) gets that step.
+
+Whether the documents answer at all: the nearest unit always exists, so it is judged against the question.
+
+- ``similarity``: how close in meaning the question and the unit are;
+- ``cover``: the share of the question's words (weighted by rarity) that the unit's context holds (its heading, and
+  for a title its whole section);
+- ``foreign``: the share of the question's words that the documents hold elsewhere but the unit's context does not.
+  A question about a thing the documents name (the cooler fan) answered by a sentence about another thing of the
+  same kind (the motor mount's torque) shows here: the documents know "cooler" and "fan", this sentence does not
+  hold them. A word no document holds (an operator's own word) is not foreign: meaning judges it.
+
+The unit answers when ``similarity + COVER_WEIGHT * cover - FOREIGN_WEIGHT * foreign >= THRESHOLD``. The three
+constants were fitted on the development parts of the labelled document sets (``scripts/eval_knowledge --fit``:
+the values that tell answerable from unanswerable questions best there); the README says how.
+
+Citations are built from the retrieved passages, never from the model's text.
+"""
 
 from __future__ import annotations
 
 import itertools
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..messages import Passage, SourceRef
-from .identifiers import WORD, normalize_id
+from ..text import LIST_ITEM, stem, words
+from .retrieve import Found
+from .units import Unit, row_text, section_of, units_of
 
 EXCERPT_CHARS = 300
+COVER_WEIGHT = 0.5
+"""What the share of the question's words held by the answer's context adds (fitted; see the module's text)."""
+FOREIGN_WEIGHT = 0.5
+"""What the share of the question's words held elsewhere in the documents, not by the answer, takes away."""
+THRESHOLD = 0.6
+"""The score an answer must reach."""
+QUOTE_CHARS = 600
+"""Prose quoted for a title stops at the last whole sentence within this many characters (a procedure is whole)."""
+CHOICE_WORDS = 0.5
+"""In choosing among units, what the share of the question's words a unit holds itself adds to its similarity."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The unit that answers best, with the measures that judge it."""
+
+    text: str
+    """The answer, in the documents' own words (a procedure whole, a row in its column order)."""
+    passage: int
+    """The index of its passage among those found."""
+    unit: Unit
+    """The unit chosen."""
+    similarity: float
+    """The question's cosine similarity to it (0 without vectors)."""
+    cover: float
+    """The share of the question's words its context holds."""
+    foreign: float
+    """The share of the question's words the documents hold but its context does not."""
+    score: float
+    """``similarity + COVER_WEIGHT * cover - FOREIGN_WEIGHT * foreign``."""
+    supported: bool
+    """Whether the documents answer the question (``score >= THRESHOLD``)."""
+
+
+def choose(found: Found, dense: bool, min_coverage: float = 0.5) -> Choice | None:
+    """The best answer among the found passages, judged; None when they hold no unit at all.
+
+    Without vectors (``dense`` False) the choice goes by words alone and a unit answers when its context holds
+    ``min_coverage`` of the question's words and nothing the documents name elsewhere.
+    """
+    total = sum(found.weights.values())
+    if total <= 0 or not found.passages:
+        return None
+    best: tuple[float, int, int] | None = None
+    chosen: tuple[int, Unit, list[Unit], tuple[float, ...]] | None = None
+    for i, passage in enumerate(found.passages):
+        units = units_of(passage)
+        sims = found.similarities[i] if i < len(found.similarities) else ()
+        for unit in units:
+            key = (round(_closeness(found, sims, unit, total), 6), -i, -unit.position)
+            if best is None or key > best:
+                best, chosen = key, (i, unit, units, sims)
+    if chosen is None:
+        return None
+    i, unit, units, sims = chosen
+    similarity = sims[unit.position] if unit.position < len(sims) else 0.0
+    text, context = _answer(unit, units, lambda u: _closeness(found, sims, u, total))
+    held = _stems(context)
+    cover = _share(found.weights, held) / total
+    foreign = _share({s: w for s, w in found.weights.items() if s in found.known}, set(found.weights) - held) / total
+    score = similarity + COVER_WEIGHT * cover - FOREIGN_WEIGHT * foreign
+    if found.by_identifier:
+        supported = True
+    elif found.unknown_identifier:
+        supported = False
+    elif dense:
+        supported = score >= THRESHOLD
+    else:
+        supported = cover >= min_coverage and foreign == 0
+    return Choice(text, i, unit, round(similarity, 4), round(cover, 4), round(foreign, 4), round(score, 4),
+                  supported)
+
+
+def _answer(unit: Unit, units: list[Unit], closeness: Callable[[Unit], float]) -> tuple[str, str]:
+    """The answer a unit stands for, and the text that judges it (with the heading above it).
+
+    - A title stands for its section: a procedure (a section holding steps) whole; prose up to ``QUOTE_CHARS``,
+      whole sentences.
+    - A sentence followed by a list introduces it (``... must be locked out.`` then the steps): it comes with the
+      whole list.
+    - Otherwise the unit, and the sentence after it under the same heading when that one is at least half as close
+      to the question (``closeness``): the point of a sentence often runs on into the next ("... are grease-packed
+      for life. Do not add grease.").
+    """
+    if unit.kind == "title":
+        body = section_of(units, unit)
+        if not any(u.kind == "step" for u in body):
+            body = _within(body, QUOTE_CHARS)
+        return (_join(body) if body else unit.text), " ".join([unit.text, *(u.text for u in body)])
+    after = units[unit.position + 1:]
+    steps = list(itertools.takewhile(lambda u: u.kind == "step", after))
+    if unit.kind == "sentence" and steps:
+        text = _join([unit, *steps])
+        return text, f"{unit.heading} {text}"
+    chosen = [unit]
+    nxt = after[0] if after else None
+    if (nxt is not None and unit.kind != "row" and nxt.kind == unit.kind and nxt.heading == unit.heading
+            and closeness(nxt) >= 0.5 * closeness(unit) and len(unit.text) + len(nxt.text) <= QUOTE_CHARS):
+        chosen.append(nxt)
+    text = _join(chosen)
+    return text, f"{unit.heading} {text}"
+
+
+def _within(units: list[Unit], limit: int) -> list[Unit]:
+    """The first units whose text fits in ``limit`` characters (at least one)."""
+    out: list[Unit] = []
+    size = 0
+    for u in units:
+        size += len(u.text) + 1
+        if out and size > limit:
+            break
+        out.append(u)
+    return out
+
+
+def _join(units: Sequence[Unit]) -> str:
+    """Units as the document sets them out: steps a line each, sentences run on."""
+    return "".join(("\n" if LIST_ITEM.match(u.text) else " ") + u.text for u in units).strip()
+
+
+def _closeness(found: Found, sims: tuple[float, ...], unit: Unit, total: float) -> float:
+    """How close a unit is to the question: its similarity, and ``CHOICE_WORDS`` times the share of the question's
+    words it holds itself."""
+    similarity = sims[unit.position] if unit.position < len(sims) else 0.0
+    return similarity + CHOICE_WORDS * _share(found.weights, _stems(unit.text)) / total
+
+
+def _stems(text: str) -> set[str]:
+    return {stem(w) for w in words(text)}
+
+
+def _share(weights: dict[str, float], held: set[str]) -> float:
+    return sum(w for s, w in weights.items() if s in held)
+
+
+def answer_from_row(passages: Sequence[Passage]) -> str | None:
+    """The text of the table row a question named by its identifier, or None when no row was named."""
+    if not passages or passages[0].matched != "identifier":
+        return None
+    return row_text(passages[0]) or None
+
 
 def sources_of(passages: Sequence[Passage], quoted: str = "") -> tuple[SourceRef, ...]:
     """The citations of an answer: built from the retrieved passages, never from the model's text.
@@ -21,7 +185,7 @@ def sources_of(passages: Sequence[Passage], quoted: str = "") -> tuple[SourceRef
     """
     out: list[SourceRef] = []
     for n, p in enumerate(passages):
-        text = p.text.split("\n", 1)[-1] if p.location.startswith("section ") else p.text
+        text = p.text.split("\n", 1)[-1] if p.kind == "section" else p.text
         excerpt = " ".join(text.split())
         start = excerpt.find(" ".join(quoted.split()[:8])) if n == 0 and quoted else -1
         if start > EXCERPT_CHARS // 2:
@@ -30,220 +194,3 @@ def sources_of(passages: Sequence[Passage], quoted: str = "") -> tuple[SourceRef
             excerpt = excerpt[: EXCERPT_CHARS - 1].rsplit(" ", 1)[0] + "…"
         out.append(SourceRef(p.document, p.location, excerpt))
     return tuple(out)
-
-
-def answer_from_row(passages: Sequence[Passage]) -> str | None:
-    """The text of the table row a question named by its identifier, or None when no row was named."""
-    if not passages or passages[0].matched != "identifier":
-        return None
-    return row_text(passages[0])
-
-
-def row_text(passage: Passage) -> str | None:
-    """A table row in its own words, in its column order: ``code: A412 / message: Spindle overtemperature /
-    cause: ...`` becomes ``A412 — Spindle overtemperature. Cause: ... Action: ...``."""
-    fields = [line.split(": ", 1) for line in passage.text.splitlines() if ": " in line]
-    if not fields:
-        return None
-    ident = next((v for _k, v in fields if passage.row_id and normalize_id(v) == passage.row_id), "")
-    rest = [(k, v) for k, v in fields if v != ident]
-    if not rest:
-        return ident or None
-    head, *tail = rest
-    sentences = [f"{ident} — {_sentence(head[1])}" if ident else f"{head[0].capitalize()}: {_sentence(head[1])}"]
-    sentences += [f"{k.replace('_', ' ').capitalize()}: {_sentence(v)}" for k, v in tail]
-    return " ".join(sentences)
-
-
-def _sentence(text: str) -> str:
-    text = text.strip()
-    return text if text.endswith((".", "!", "?")) else text + "."
-
-
-# -- answers in the documents' own words ---------------------------------------------------------------------------
-
-ABBREVIATIONS = frozenset(["no", "nr", "e.g", "i.e", "approx", "fig", "ca", "max", "min", "vs", "etc", "incl", "ref"])
-SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
-LIST_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+")
-SUFFIXES = ("ies", "es", "s", "ing", "ed", "ly")
-QUOTE_CHARS = 600
-"""At most this much of the documents' text makes a quoted answer."""
-
-
-def stem(word: str) -> str:
-    """A light stem, enough to match ``checked``/``check``, ``litres``/``litre`` and ``changing``/``change``
-    between question and text."""
-    w = word.lower()
-    for suffix in SUFFIXES:
-        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
-            w = w[: -len(suffix)] + ("y" if suffix == "ies" else "")
-            break
-    return w[:-1] if w.endswith("e") and len(w) >= 5 else w
-
-
-@dataclass(frozen=True)
-class Sentence:
-    """A sentence of a passage, with the heading it stands under."""
-
-    text: str
-    """The sentence as the document writes it (its line breaks joined)."""
-    heading: str
-    """The heading path or page title above it ("" when none)."""
-    passage: int
-    """Index of its passage among the retrieved ones (0 is the best)."""
-    position: int
-    """Its place in the passage."""
-    opens_list: bool = False
-    """It ends with a colon: it introduces what follows it (steps, checks)."""
-    whole: str = ""
-    """For a field of a table row: the whole row, which is the answer when this field is the best match."""
-
-
-def sentences_of(passage: Passage, index: int = 0) -> list[Sentence]:
-    """``passage`` cut into sentences: wrapped lines joined, list items kept apart, a heading line (a Markdown
-    heading path, a PDF page title) kept as the sentences' heading instead of as a sentence."""
-    if passage.location.startswith("row "):  # each field is judged alone; the answer is the whole row
-        row = row_text(passage) or ""
-        fields = [line for line in passage.text.splitlines() if ": " in line]
-        return [Sentence(f, "", index, n, whole=row) for n, f in enumerate(fields)]
-    lines = [line.strip() for line in passage.text.splitlines()]
-    heading = ""
-    if lines and (passage.location.startswith("section ") or (_is_title(lines[0]) and len(lines) > 1)):
-        heading, lines = lines[0], lines[1:]
-    logical: list[str] = []  # lines joined where the document only wrapped them
-    for line in lines:
-        if not line:
-            logical.append("")
-            continue
-        prev = logical[-1] if logical else ""
-        # A line wraps on when the one before ends mid-sentence, unless that one is a title and this one starts a
-        # new sentence; a list item never continues the line before it.
-        if (prev and not LIST_ITEM.match(line) and not prev.endswith((".", "!", "?", ":"))
-                and (line[0].islower() or not _is_title(prev))):
-            logical[-1] += " " + line
-        else:
-            logical.append(line)
-    out: list[Sentence] = []
-    for line in (x for x in logical if x):
-        if _is_title(line) and not LIST_ITEM.match(line):
-            heading = line.rstrip(":")
-            continue
-        pieces: list[str] = []
-        for piece in SENTENCE_BREAK.split(line):
-            last = pieces[-1].rsplit(None, 1)[-1].rstrip(".").lower() if pieces else ""
-            if pieces and (last in ABBREVIATIONS or re.fullmatch(r"\d+[.)]", pieces[-1])):
-                pieces[-1] += " " + piece
-            else:
-                pieces.append(piece)
-        for piece in pieces:
-            out.append(Sentence(piece, heading, index, len(out), piece.endswith(":")))
-    return out
-
-
-def _is_title(line: str) -> bool:
-    """A short line that does not end a sentence: a page title, a table caption."""
-    return not line.endswith((".", "!", "?", ":", ";", ",")) and len(line.split()) <= 8
-
-
-# What kind of answer a question asks for, first match wins: a quantity, how often, or the steps of a procedure.
-ANSWER_KINDS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"\bhow often\b|\bwhen (?:do|does|should|must|is|are)\b.*\b(?:check|change|clean|replace|"
-                r"top|drain|service|inspect)", re.I), "frequency"),
-    (re.compile(r"\bhow (?:many|much|long|big|heavy|high|hot|far|large|deep|wide)\b|\bwhat (?:is the )?"
-                r"(?:pressure|temperature|size|weight|length|diameter|voltage|speed|force|torque|capacity|"
-                r"concentration|level|number|limit|maximum|minimum)\b", re.I), "quantity"),
-    (re.compile(r"\bhow (?:do|can|should|must|would) (?:i|we|you)\b|\bhow to\b|\b(?:steps|procedure)\b", re.I),
-     "procedure"),
-)
-QUANTITY = re.compile(r"(?<![\w.-])\d+(?:[.,]\d+)?(?![\w-])|\b(?:one|two|three|four|five|six|seven|eight|nine|"
-                      r"ten|twelve|twenty|hundred)\b", re.I)
-FREQUENCY = re.compile(r"\bevery\b|\beach (?:shift|day|week|month|year)\b|\b(?:daily|weekly|monthly|yearly|"
-                       r"annually|hourly)\b|\bstart of (?:every|each|the) shift\b|\bper (?:shift|day|week)\b",
-                       re.I)
-KIND_BONUS = 0.25
-"""What a sentence of the kind the question asks for (a number for "how many") adds to its score."""
-
-
-def _terms(text: str) -> set[str]:
-    """The stems of ``text`` and its adjacent stem pairs (to match the question's words and phrases)."""
-    stems = [stem(m.group(0)) for m in WORD.finditer(text)]
-    return {*stems, *(f"{a} {b}" for a, b in itertools.pairwise(stems))}
-
-
-def answer_kind(question: str) -> str:
-    """``frequency``, ``quantity``, ``procedure``, or ``""``: what kind of answer ``question`` asks for."""
-    return next((kind for pattern, kind in ANSWER_KINDS if pattern.search(question)), "")
-
-
-def _of_kind(s: Sentence, kind: str) -> bool:
-    if kind == "frequency":
-        return bool(FREQUENCY.search(s.text))
-    if kind == "quantity":
-        return bool(QUANTITY.search(s.text))
-    if kind == "procedure":  # a step, or the sentence that opens the steps
-        return s.opens_list or bool(LIST_ITEM.match(s.text))
-    return False
-
-
-def quote_answer(question: str, passages: Sequence[Passage], weights: dict[str, float],
-                 ) -> tuple[str, Passage] | None:
-    """The sentences of the passages that answer ``question``, in the documents' own words, and their passage.
-
-    Each sentence is scored by the question's words it holds, weighted by their rarity (a word only in its
-    heading counts half), plus ``KIND_BONUS`` when it holds the kind of answer asked for (a number for "how
-    many", an interval for "how often"). The best one is the answer, with the list after it when it opens one or
-    the question asks how to do something, else with the next sentence when that one scores at least half as
-    well on the question's words.
-    None when no sentence holds any of the question's words.
-    """
-    wanted = {" ".join(stem(x) for x in w.split()): v for w, v in weights.items()}
-    total = sum(wanted.values())
-    if not wanted or total <= 0:
-        return None
-    kind = answer_kind(question)
-
-    # A heading names what its sentences are about: half a word's weight, all of it for the steps under it.
-    def words_score(s: Sentence) -> float:
-        held, above = _terms(s.text), _terms(s.heading)
-        share = 1.0 if kind == "procedure" and LIST_ITEM.match(s.text) else 0.5
-        return (sum(v for w, v in wanted.items() if w in held) +
-                share * sum(v for w, v in wanted.items() if w in above and w not in held)) / total
-
-    best: tuple[float, bool, int, int, int] | None = None
-    chosen: list[Sentence] = []
-    every: list[list[Sentence]] = [sentences_of(p, i) for i, p in enumerate(passages)]
-    for group in every:
-        for s in group:
-            score = words_score(s)
-            if score > 0 and _of_kind(s, kind):
-                score += KIND_BONUS
-            # On a tie, a manual's sentence before a table row (a question naming no row asks about the prose),
-            # then the shorter sentence (it says the same more directly).
-            key = (round(score, 6), not s.whole, -len(s.text), -s.passage, -s.position)
-            if score > 0 and (best is None or key > best):
-                best, chosen = key, [s]
-    if best is None:
-        return None
-    first = chosen[0]
-    if first.whole:
-        return first.whole, passages[first.passage]
-    group = every[first.passage]
-    after = group[first.position + 1:]
-    steps = []
-    for s in after:
-        if not LIST_ITEM.match(s.text):
-            break
-        steps.append(s)
-    if steps and (first.opens_list or kind == "procedure"):
-        chosen += steps[:8]
-    elif first.opens_list and after:
-        chosen.append(after[0])
-    elif after:  # the next sentence when it says about as much of the question
-        nxt = after[0]
-        if words_score(nxt) >= 0.5 * words_score(first) and len(first.text) + len(nxt.text) < QUOTE_CHARS:
-            chosen.append(nxt)
-    # Steps keep a line each, as the document sets them out; sentences run on.
-    text = "".join(("\n" if LIST_ITEM.match(s.text) else " ") + s.text for s in chosen).strip()
-    if len(text) > QUOTE_CHARS:
-        text = text[: QUOTE_CHARS - 1].rsplit(" ", 1)[0] + "…"
-    return text, passages[first.passage]

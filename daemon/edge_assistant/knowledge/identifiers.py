@@ -7,49 +7,34 @@ digits or more) anywhere.
 
 from __future__ import annotations
 
-import itertools
 import re
 
-# Words that carry no subject: question words ("how often", "how many"), auxiliaries, pronouns, filler verbs.
-STOPWORDS = frozenset([
-    "a", "about", "above", "after", "again", "all", "also", "am", "an", "and", "any", "anything", "are", "as", "at",
-    "be", "been", "before", "being", "below", "between", "both", "but", "by", "can", "correct", "could", "describe",
-    "did", "do", "does", "doing", "done", "during", "each", "either", "else", "ever", "explain", "find", "for",
-    "from", "get", "give", "go", "going", "had", "has", "have", "having", "he", "her", "here", "hers", "him", "his",
-    "how", "i", "if", "in", "into", "is", "it", "its", "itself", "just", "know", "let", "like", "long", "many",
-    "may", "me", "mean", "means", "meant", "might", "more", "most", "much", "must", "my", "need", "needs", "no",
-    "nor", "not", "now", "of", "off", "often", "on", "once", "only", "or", "other", "our", "out", "over", "own",
-    "please", "right", "say", "see", "shall", "she", "should", "so", "some", "something", "such", "tell", "than",
-    "that", "the", "their", "them", "then", "there", "these", "they", "this", "those", "through", "to", "too",
-    "under", "until", "up", "us", "use", "used", "using", "usually", "very", "want", "was", "way", "we", "were",
-    "what", "whats", "when", "where", "which", "while", "who", "whom", "why", "will", "with", "would", "you", "your",
-    "yours",
-    # verbs that say how a question is put, not what it is about ("how long does it take")
-    "take", "takes", "took", "taken", "make", "makes", "happen", "happens", "happened", "go", "goes", "went",
-    "come", "comes", "put", "puts", "keep", "keeps", "show", "showing", "shows", "wrong", "something", "anyone",
-])
+from ..text import STOPWORDS
 
 TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*[A-Za-z0-9]|[A-Za-z0-9]")
-WORD = re.compile(r"[^\W_]+", re.UNICODE)
 UNIT = re.compile(r"^\d+(?:st|nd|rd|th|mm|cm|km|m|v|kv|mv|a|ma|kw|w|bar|psi|rpm|c|f|k|l|ml|kg|g|nm|s|ms|min|h|hz|"
                   r"khz|mhz|x)$", re.IGNORECASE)
-SPACED_ID = re.compile(r"(?<![\w-])[A-Za-z]{1,4}\s+\d{3,}(?![\w-])")
+SPACED_ID = re.compile(r"(?<![\w-])([A-Za-z]{1,4})\s+\d{3,}(?![\w-])")
+"""A code said or written with a space (``hw 4410`` for HW-4410)."""
+MEASURE = re.compile(r"\s*(?:%|°|(?:mm|cm|m|km|in|ft|l|litres?|liters?|ml|gal|gallons?|kg|g|t|tonnes?|lb|lbs|nm|"
+                     r"n|kn|bar|mbar|psi|pa|kpa|mpa|v|mv|kv|a|ma|w|kw|mw|hz|khz|rpm|s|sec|seconds?|min|minutes?|h|"
+                     r"hrs?|hours?|days?|weeks?|months?|years?|c|f|k|degrees?|cycles?|times|pieces?|pcs)\b)",
+                     re.IGNORECASE)
+"""A unit of measure after a number: ``300 litres`` is a quantity, not an identifier."""
 
 
 def identifiers_in(text: str) -> list[str]:
     """Identifier-like words of ``text``, normalised (upper case, no ``-`` or ``_``), in order, no repeats.
 
     An identifier holds a digit and either a letter (``A412``, ``HW-4410``, ``QF5``) or three digits or more
-    (``1012``); ordinals and measurements (``2nd``, ``24V``, ``10mm``) are not identifiers.
+    (``1012``); ordinals and measurements (``2nd``, ``24V``, ``10mm``, ``300 litres``) are not identifiers.
     """
     out: list[str] = []
-    for m in SPACED_ID.finditer(text):  # "hw 4410" as people say it for HW-4410
-        norm = normalize_id(m.group(0))
-        if norm not in out:
-            out.append(norm)
     for m in TOKEN.finditer(text):
         tok = m.group(0)
         if not any(c.isdigit() for c in tok) or UNIT.match(tok):
+            continue
+        if tok.isdigit() and MEASURE.match(text, m.end()):  # a quantity: "300 litres", "2000 h"
             continue
         has_alpha = any(c.isalpha() for c in tok)
         digits = sum(c.isdigit() for c in tok)
@@ -60,26 +45,16 @@ def identifiers_in(text: str) -> list[str]:
     return out
 
 
-def question_words(text: str) -> list[str]:
-    """The content words of a question, lower case, in order, no repeats: no stop words, no single letters."""
-    return list(dict.fromkeys(w for w in (m.group(0).lower() for m in WORD.finditer(text))
-                              if w not in STOPWORDS and len(w) > 1))
-
-
-PHRASE_WORDS = frozenset(["way", "out", "up", "off", "down", "over", "under", "right", "left", "long"])
-"""Stop words that still make a term next to a content word: ``way oil``, ``lock out``, ``top up``."""
-
-
-def question_phrases(text: str) -> list[str]:
-    """Adjacent word pairs of a question that may be one term (``way oil``, ``main switch``): two content words,
-    or a content word and one of ``PHRASE_WORDS``. They count only where the documents hold them as written."""
-    words = [m.group(0).lower() for m in WORD.finditer(text)]
+def spaced_identifiers(text: str) -> list[str]:
+    """Codes said or written with a space (``hw 4410`` for HW-4410), normalised. Any short word before a number
+    looks like one (``hold 300``): they count only where the documents hold the code (``Retriever``)."""
     out: list[str] = []
-    for a, b in itertools.pairwise(words):
-        content = [w not in STOPWORDS and len(w) > 1 for w in (a, b)]
-        if all(content) or (any(content) and {a, b} & PHRASE_WORDS):
-            out.append(f"{a} {b}")
-    return list(dict.fromkeys(out))
+    for m in SPACED_ID.finditer(text):
+        if m.group(1).lower() not in STOPWORDS and not MEASURE.match(text, m.end()):
+            norm = normalize_id(m.group(0))
+            if norm not in out:
+                out.append(norm)
+    return out
 
 
 def normalize_id(value: str) -> str:

@@ -1,44 +1,93 @@
-"""Passages for a question: identifiers exactly, then words ranked by BM25 with their coverage of the question."""
+"""Passages for a question: identifiers exactly; otherwise words (BM25) and meaning (sentence vectors), fused.
+
+- A question naming an identifier (an alarm code, a part number) gets the passages holding it, its table row first.
+  A question naming an identifier that no document holds is not covered, whatever its words.
+- Any other question is ranked twice: by BM25 over the chunks' words (FTS5, Porter stems) and by the cosine
+  similarity of its sentence vector to each chunk's closest unit (``units.units_of``: a title, a sentence, a step,
+  a row). The two rankings are fused by reciprocal rank fusion (score = sum of 1 / (60 + rank)), which needs no
+  scale shared by the two scores. Operators rarely use the documents' words ("the water in the tank" for
+  "condensate in the air receiver"): meaning finds what words miss, and words find what meaning blurs (a part
+  number, a rare term).
+
+Whether the best passage answers the question is decided in ``answer``, from what is found here.
+"""
 
 from __future__ import annotations
 
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
 
 from ..config import KnowledgeConfig
 from ..errors import KnowledgeError
 from ..messages import Passage
-from .identifiers import identifiers_in, question_phrases, question_words
-from .index import DocumentInfo, connect, digest_of
+from ..text import content_words, stem
+from .identifiers import identifiers_in, spaced_identifiers
+from .index import DocumentInfo, Embedder, connect, digest_of
 
 CANDIDATES = 24
+"""Chunks taken from each ranking before they are fused."""
+RRF_K = 60
+"""Reciprocal rank fusion's constant, as its authors set it (Cormack, Clarke and Büttcher, 2009)."""
 
-RECENT_QUESTIONS = 8
-"""Questions whose word lookups a retriever keeps (concurrent requests each retrieve, then weigh)."""
+
+@dataclass(frozen=True)
+class Found:
+    """What retrieval found for a question: the passages and what the answer choice needs to judge them."""
+
+    passages: tuple[Passage, ...]
+    """Best first."""
+    similarities: tuple[tuple[float, ...], ...]
+    """For each passage, the question's cosine similarity to each of its units (empty without vectors)."""
+    weights: dict[str, float]
+    """The question's content words (Porter stems) with their rarity in the documents (BM25's inverse document
+    frequency; a word no document holds has the highest)."""
+    known: frozenset[str]
+    """Those of the question's stems that some document holds."""
+    by_identifier: bool = False
+    """The passages hold an identifier the question names."""
+    unknown_identifier: bool = False
+    """The question names an identifier that no document holds: the documents do not cover it."""
 
 
 class Retriever:
-    """Reads an index built by ``build_index``. Thread-safe (one connection under a lock)."""
+    """Reads an index built by ``build_index``. Thread-safe: one connection under a lock; the vectors are read-only
+    after opening. With an ``embedder`` (the one the index was built with) questions are also ranked by meaning."""
 
-    def __init__(self, path: Path, min_coverage: float = 0.5) -> None:
+    def __init__(self, path: Path, embedder: Embedder | None = None, min_coverage: float = 0.5) -> None:
         if not path.is_file():
             raise KnowledgeError(f"{path}: no knowledge index (run `edge-assistant knowledge index`)")
         self.path = path
         self.min_coverage = min_coverage
         self._conn = connect(path, readonly=True)
         self._lock = threading.Lock()
-        self._recent: dict[str, dict[str, set[int]]] = {}  # question -> its words' chunks: retrieval, then weights
+        self._embedder = embedder
         with self._lock:
             self.digest = digest_of(self._conn)
             self.size = int(self._conn.execute("SELECT count(*) FROM chunks").fetchone()[0])
+            rows = self._conn.execute("SELECT chunk, ord, vector FROM units ORDER BY chunk, ord").fetchall()
+        self._unit_chunk = np.array([r[0] for r in rows], dtype=np.int64)
+        self._unit_ord = np.array([r[1] for r in rows], dtype=np.int64)
+        self._vectors: npt.NDArray[np.float32] = (
+            np.stack([np.frombuffer(r[2], dtype=np.float16) for r in rows]).astype(np.float32) if rows
+            else np.zeros((0, 0), dtype=np.float32))
+        # Where each chunk's units start in the (chunk-sorted) matrix, for the per-chunk maximum.
+        self._chunk_ids, self._starts = np.unique(self._unit_chunk, return_index=True)
+
+    @property
+    def dense(self) -> bool:
+        """Whether questions are ranked by meaning too (an embedder and an index with vectors)."""
+        return self._embedder is not None and len(self._vectors) > 0
 
     @classmethod
-    def open(cls, cfg: KnowledgeConfig) -> Retriever:
+    def open(cls, cfg: KnowledgeConfig, embedder: Embedder | None = None) -> Retriever:
         """The retriever of the configured index."""
-        return cls(cfg.index_path(), cfg.min_coverage)
+        return cls(cfg.index_path(), embedder, cfg.min_coverage)
 
     def close(self) -> None:
         """Close the connection."""
@@ -51,95 +100,110 @@ class Retriever:
             rows = self._conn.execute("SELECT name, path, kind, pages, chunks, sha256 FROM documents ORDER BY name")
             return [DocumentInfo(*r) for r in rows]
 
-    def retrieve(self, question: str, limit: int = 3, strict_ids: bool = True) -> list[Passage]:
-        """The passages that cover ``question``, best first; empty when the documents do not cover it."""
-        return [p for p in self.search(question, limit, strict_ids) if p.coverage >= self.min_coverage][:limit]
-
-    def search(self, question: str, limit: int = 5, strict_ids: bool = True) -> list[Passage]:
-        """The best passages with their scores, covering or not (``knowledge search`` shows why).
+    def find(self, question: str, limit: int = 3, strict_ids: bool = True) -> Found:
+        """The passages for ``question``, best first, with what judging them needs.
 
         With ``strict_ids`` a question naming identifiers of which the documents know none is not covered; without
         (a PLC alarm's fields, where a tag may be in no document), its words are still searched.
         """
+        qvec = self._embed(question)
         with self._lock:
+            weights, known = self._weights(question)
             idents = identifiers_in(question)
-            by_id = self._by_identifier(idents) if idents else []
-            if strict_ids and idents and not by_id:
-                # An identifier no document has: the documents do not cover this question, whatever its words.
-                return [replace(p, coverage=0.0) for p in self._by_words(question, limit)]
+            spaced = [i for i in spaced_identifiers(question) if self._holds(i)]
+            by_id = self._by_identifier([*spaced, *idents]) if spaced or idents else []
             if by_id:
                 # The identifier's own passages only: a small model does best with few, relevant ones.
-                return by_id[:limit]
-            return self._by_words(question, limit)
+                passages = by_id[:limit]
+                return Found(tuple(passages), self._similarities(passages, qvec), weights, known, by_identifier=True)
+            passages = self._fused(question, qvec, limit)
+        unknown = strict_ids and bool(idents)
+        return Found(tuple(passages), self._similarities(passages, qvec), weights, known,
+                     unknown_identifier=unknown)
+
+    def search(self, question: str, limit: int = 5, strict_ids: bool = True) -> list[Passage]:
+        """The best passages with their scores (``knowledge search`` shows them)."""
+        return list(self.find(question, limit, strict_ids).passages)
+
+    # -- the parts ------------------------------------------------------------------------------------------------
+
+    def _embed(self, question: str) -> npt.NDArray[np.float32] | None:
+        if not self.dense or self._embedder is None:
+            return None
+        return np.asarray(self._embedder.embed([question])[0], dtype=np.float32)
+
+    def _weights(self, question: str) -> tuple[dict[str, float], frozenset[str]]:
+        stems = list(dict.fromkeys(stem(w) for w in content_words(question)))
+        if not stems:
+            return {}, frozenset()
+        marks = ",".join("?" * len(stems))
+        query = f"SELECT term, doc FROM chunks_vocab WHERE term IN ({marks})"  # noqa: S608 (only placeholders)
+        df = dict(self._conn.execute(query, stems).fetchall())
+        total = self.size or 1
+        weights = {s: math.log((total - df.get(s, 0) + 0.5) / (df.get(s, 0) + 0.5) + 1) for s in stems}
+        return weights, frozenset(s for s in stems if df.get(s, 0) > 0)
+
+    def _holds(self, ident: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM identifiers WHERE ident = ? LIMIT 1", (ident,)).fetchone() is not None
 
     def _by_identifier(self, idents: Sequence[str]) -> list[Passage]:
         out: list[Passage] = []
         seen: set[int] = set()
         for ident in dict.fromkeys(idents):
             rows = self._conn.execute(
-                "SELECT c.id, d.name, c.location, c.text, i.primary_row, c.row_id FROM identifiers i "
+                "SELECT c.id, d.name, c.location, c.kind, c.text, i.primary_row, c.row_id FROM identifiers i "
                 "JOIN chunks c ON c.id = i.chunk JOIN documents d ON d.id = c.document WHERE i.ident = ? "
                 "ORDER BY i.primary_row DESC, d.name, c.ord LIMIT 8", (ident,))
-            for chunk_id, name, location, text, primary, row_id in rows:
+            for chunk_id, name, location, kind, text, primary, row_id in rows:
                 if chunk_id in seen:
                     continue
                 seen.add(chunk_id)
                 out.append(Passage(name, location, text, 0.0, 1.0, "identifier" if primary else "identifier-text",
-                                   row_id))
+                                   row_id, kind, chunk=chunk_id))
         out.sort(key=lambda p: p.matched != "identifier")
         return out
 
-    def weights(self, question: str) -> dict[str, float]:
-        """The question's content words, each with its rarity in the documents (BM25's inverse document
-        frequency): what a passage, or a sentence of it, must hold to answer the question."""
-        with self._lock:
-            return self._idf(self._holders(question))
-
-    def _holders(self, question: str) -> dict[str, set[int]]:
-        """The question's content words and the chunks holding each (FTS5 matches stems); the last few questions'
-        are kept, since a quoted answer asks again for the weights of the question it just retrieved."""
-        if question in self._recent:
-            return self._recent[question]
-        holders: dict[str, set[int]] = {}
-        for w in question_words(question):
-            holders[w] = self._match(w)
-        for phrase in question_phrases(question):  # a term of two words counts where a document holds it so
-            found = self._match(phrase)
-            if found:
-                holders[phrase] = found
-        if len(self._recent) >= RECENT_QUESTIONS:
-            self._recent.pop(next(iter(self._recent)))
-        self._recent[question] = holders
-        return holders
-
-    def _match(self, term: str) -> set[int]:
-        return {r[0] for r in self._conn.execute("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ?",
-                                                 (_quote(term),))}
-
-    def _idf(self, holders: dict[str, set[int]]) -> dict[str, float]:
-        total = self.size or 1
-        return {w: math.log((total - len(h) + 0.5) / (len(h) + 0.5) + 1) for w, h in holders.items()}
-
-    def _by_words(self, question: str, limit: int) -> list[Passage]:
-        holders = self._holders(question)
-        if not holders:
-            return []
-        idf = self._idf(holders)
-        # Coverage counts single words only: a phrase ranks passages, it does not make a question covered.
-        single = {w: h for w, h in holders.items() if " " not in w}
-        weight = sum(idf[w] for w in single) or 1.0
-        query = " OR ".join(_quote(w) for w in holders)
-        rows = self._conn.execute(
-            "SELECT f.rowid, bm25(chunks_fts) AS s, d.name, c.location, c.text, c.row_id FROM chunks_fts f "
-            "JOIN chunks c ON c.id = f.rowid JOIN documents d ON d.id = c.document "
-            "WHERE chunks_fts MATCH ? ORDER BY s, f.rowid LIMIT ?", (query, CANDIDATES)).fetchall()
+    def _fused(self, question: str, qvec: npt.NDArray[np.float32] | None, limit: int) -> list[Passage]:
+        words = content_words(question)
+        lexical: list[int] = []
+        if words:
+            query = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+            lexical = [r[0] for r in self._conn.execute(
+                "SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts), rowid LIMIT ?",
+                (query, CANDIDATES))]
+        closest: dict[int, float] = {}
+        dense: list[int] = []
+        if qvec is not None:
+            best = np.maximum.reduceat(self._vectors @ qvec, self._starts)
+            order = np.lexsort((self._chunk_ids, -best))[:CANDIDATES]
+            dense = [int(self._chunk_ids[i]) for i in order]
+            closest = {int(self._chunk_ids[i]): float(best[i]) for i in order}
+        fused: dict[int, float] = {}
+        for ranking in (lexical, dense):
+            for rank, chunk in enumerate(ranking, 1):
+                fused[chunk] = fused.get(chunk, 0.0) + 1.0 / (RRF_K + rank)
+        top = sorted(fused, key=lambda c: (-fused[c], c))[:limit]
         out = []
-        for chunk_id, score, name, location, text, row_id in rows:
-            cover = sum(idf[w] for w, h in single.items() if chunk_id in h) / weight
-            out.append(Passage(name, location, text, round(float(score), 4), round(cover, 4), "words", row_id))
-        out.sort(key=lambda p: (p.coverage < self.min_coverage, p.score))
-        return out[:limit]
+        for chunk in top:
+            name, location, kind, text, row_id = self._conn.execute(
+                "SELECT d.name, c.location, c.kind, c.text, c.row_id FROM chunks c JOIN documents d ON "
+                "d.id = c.document WHERE c.id = ?", (chunk,)).fetchone()
+            out.append(Passage(name, location, text, round(fused[chunk], 6), 0.0, "words", row_id, kind,
+                               round(closest.get(chunk, 0.0), 4), chunk))
+        return out
 
+    def _similarities(self, passages: Sequence[Passage], qvec: npt.NDArray[np.float32] | None,
+                      ) -> tuple[tuple[float, ...], ...]:
+        if qvec is None:
+            return tuple(() for _ in passages)
+        out: list[tuple[float, ...]] = []
+        for p in passages:
+            at = np.searchsorted(self._chunk_ids, p.chunk)
+            if at >= len(self._chunk_ids) or self._chunk_ids[at] != p.chunk:
+                out.append(())
+                continue
+            start = int(self._starts[at])
+            end = int(self._starts[at + 1]) if at + 1 < len(self._starts) else len(self._vectors)
+            out.append(tuple(float(x) for x in self._vectors[start:end] @ qvec))
+        return tuple(out)
 
-def _quote(word: str) -> str:
-    return '"' + word.replace('"', '""') + '"'
