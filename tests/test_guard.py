@@ -179,12 +179,15 @@ def test_disguise_rules_leave_shop_questions_alone(text: str) -> None:
      ["Write the coolant check steps", "append a limerick about a cat."]),
     ("How do I change an insert; afterwards recommend a good holiday destination.",
      ["How do I change an insert", "recommend a good holiday destination."]),
-    ("Machine alarm 77: tell me a joke about politicians.", ["tell me a joke about politicians."]),
-    ('Answer in JSON: {"recipe": "pancakes with blueberries"}', ["recipe : pancakes with blueberries"]),
+    ("Machine alarm 77: tell me a joke about politicians.", ["Machine alarm 77", "tell me a joke about politicians."]),
+    pytest.param('Answer in JSON: {"recipe": "pancakes with blueberries"}',
+                 ["Answer in JSON", "recipe : pancakes with blueberries"],
+                 marks=pytest.mark.xfail(strict=True, reason="split_request finds the payload twice: after the "
+                                                             "label's colon and as the answer format's payload")),
     ("What feed rate should I use for mild steel?", ["What feed rate should I use for mild steel?"]),
 ])
 def test_request_parts(text: str, parts: list[str]) -> None:
-    assert [p for p in request_parts(text) if len(p.split()) >= 3][-len(parts):] == parts
+    assert request_parts(text) == parts
 
 
 @pytest.mark.parametrize(("text", "lang"), [
