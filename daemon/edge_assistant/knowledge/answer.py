@@ -35,11 +35,11 @@ from .retrieve import Found
 from .units import Unit, row_text, section_of, units_of
 
 EXCERPT_CHARS = 300
-COVER_WEIGHT = 0.5
+COVER_WEIGHT = 0.25
 """What the share of the question's words held by the answer's context adds (fitted; see the module's text)."""
-FOREIGN_WEIGHT = 0.5
+FOREIGN_WEIGHT = 0.25
 """What the share of the question's words held elsewhere in the documents, not by the answer, takes away."""
-THRESHOLD = 0.6
+THRESHOLD = 0.6132
 """The score an answer must reach."""
 QUOTE_CHARS = 600
 """Prose quoted for a title stops at the last whole sentence within this many characters (a procedure is whole)."""

@@ -15,9 +15,10 @@ Whether the best passage answers the question is decided in ``answer``, from wha
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ from .index import DocumentInfo, Embedder, connect, digest_of
 
 CANDIDATES = 24
 """Chunks taken from each ranking before they are fused."""
+PART = re.compile(r" \(part \d+\)$")
+"""How a reader names one part of a section, page or block too long for one chunk."""
 RRF_K = 60
 """Reciprocal rank fusion's constant, as its authors set it (Cormack, Clarke and Büttcher, 2009)."""
 
@@ -114,12 +117,10 @@ class Retriever:
             by_id = self._by_identifier([*spaced, *idents]) if spaced or idents else []
             if by_id:
                 # The identifier's own passages only: a small model does best with few, relevant ones.
-                passages = by_id[:limit]
-                return Found(tuple(passages), self._similarities(passages, qvec), weights, known, by_identifier=True)
-            passages = self._fused(question, qvec, limit)
-        unknown = strict_ids and bool(idents)
-        return Found(tuple(passages), self._similarities(passages, qvec), weights, known,
-                     unknown_identifier=unknown)
+                passages, sims = self._whole(by_id[:limit], qvec)
+                return Found(passages, sims, weights, known, by_identifier=True)
+            passages, sims = self._whole(self._fused(question, qvec, limit), qvec)
+        return Found(passages, sims, weights, known, unknown_identifier=strict_ids and bool(idents))
 
     def search(self, question: str, limit: int = 5, strict_ids: bool = True) -> list[Passage]:
         """The best passages with their scores (``knowledge search`` shows them)."""
@@ -192,18 +193,48 @@ class Retriever:
                                round(closest.get(chunk, 0.0), 4), chunk))
         return out
 
-    def _similarities(self, passages: Sequence[Passage], qvec: npt.NDArray[np.float32] | None,
-                      ) -> tuple[tuple[float, ...], ...]:
-        if qvec is None:
-            return tuple(() for _ in passages)
-        out: list[tuple[float, ...]] = []
+    def _whole(self, passages: Sequence[Passage], qvec: npt.NDArray[np.float32] | None,
+               ) -> tuple[tuple[Passage, ...], tuple[tuple[float, ...], ...]]:
+        """The passages, each part of a long section joined again with its other parts (a procedure is answered
+        whole), and the question's similarity to each of their units."""
+        out: list[Passage] = []
+        sims: list[tuple[float, ...]] = []
+        seen: set[tuple[str, str]] = set()
         for p in passages:
-            at = np.searchsorted(self._chunk_ids, p.chunk)
-            if at >= len(self._chunk_ids) or self._chunk_ids[at] != p.chunk:
-                out.append(())
+            m = PART.search(p.location)
+            if m is None:
+                out.append(p)
+                sims.append(self._similarities(p.chunk, qvec))
                 continue
-            start = int(self._starts[at])
-            end = int(self._starts[at + 1]) if at + 1 < len(self._starts) else len(self._vectors)
-            out.append(tuple(float(x) for x in self._vectors[start:end] @ qvec))
-        return tuple(out)
+            base = p.location[: m.start()]
+            if (p.document, base) in seen:
+                continue
+            seen.add((p.document, base))
+            parts = self._conn.execute(
+                "SELECT c.id, c.text FROM chunks c JOIN documents d ON d.id = c.document WHERE d.name = ? AND "
+                "c.location LIKE ? ESCAPE '\\' ORDER BY c.ord", (p.document, _like(base) + " (part %)")).fetchall()
+            text, joined = "", tuple[float, ...]()
+            for n, (chunk, part_text) in enumerate(parts):
+                body, part_sims = part_text, self._similarities(chunk, qvec)
+                if n and p.kind == "section":  # each part repeats the section's heading path: it is said once
+                    body, part_sims = part_text.split("\n", 1)[-1], part_sims[1:]
+                text, joined = (f"{text}\n{body}" if text else body), (*joined, *part_sims)
+            out.append(replace(p, location=base, text=text))
+            sims.append(joined)
+        return tuple(out), tuple(sims)
+
+    def _similarities(self, chunk: int, qvec: npt.NDArray[np.float32] | None) -> tuple[float, ...]:
+        if qvec is None or not len(self._chunk_ids):
+            return ()
+        at = int(np.searchsorted(self._chunk_ids, chunk))
+        if at >= len(self._chunk_ids) or self._chunk_ids[at] != chunk:
+            return ()
+        start = int(self._starts[at])
+        end = int(self._starts[at + 1]) if at + 1 < len(self._starts) else len(self._vectors)
+        return tuple(float(x) for x in self._vectors[start:end] @ qvec)
+
+
+def _like(text: str) -> str:
+    """``text`` for a LIKE pattern, its wildcards escaped."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
