@@ -7,6 +7,7 @@ model and a real broker in test_knowledge_e2e.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sqlite3
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_assistant.cli import print_sources
 from edge_assistant.config import KnowledgeConfig
 from edge_assistant.engine import LlamaEmbedder
 from edge_assistant.knowledge import (
@@ -230,7 +232,7 @@ def test_answers_are_the_documents_own_sentences_with_their_source(kcfg: Knowled
     assert (reply.sources[0].document, reply.sources[0].location) == ("safety.pdf", "page 3")
     assert "nitrile" in reply.sources[0].excerpt
     assert reply.provenance["knowledge_sha256"] == rt.knowledge.digest  # type: ignore[union-attr]
-    assert reply.provenance["answer"] == "quote"
+    assert reply.provenance["answer"] == "quote" and reply.grounded is True
 
     steps = handle(rt, Request(text="How do I lock out the machine before maintenance?"))
     assert steps.text.startswith("Before any maintenance inside the enclosure")
@@ -276,6 +278,10 @@ def test_a_persona_may_answer_from_the_model_alone_when_the_documents_are_silent
     rt = type(rt)(**{**rt.__dict__, "knowledge": Retriever.open(kcfg, embedder)})
     reply = handle(rt, Request(text="What is the torque for the spindle nose bolts?"))
     assert reply.status == "ok" and not reply.sources and "<doc" not in engine.calls[-1]
+    assert reply.grounded is False and reply.to_dict()["grounded"] is False
+    shown = io.StringIO()
+    print_sources(reply, shown)
+    assert "Not from the plant's documents" in shown.getvalue()
     row = handle(rt, Request(text="What does alarm 1030 mean?"))
     assert row.sources and "<doc source=\"alarms.csv, row 18 (code 1030)\">" in engine.calls[-1]
 

@@ -164,8 +164,13 @@ class _Printer:
 
 
 def print_sources(reply: dict[str, Any] | Reply, out: Any = sys.stdout) -> None:
-    """The sources of an answer, one per line under it."""
+    """The sources of an answer, one per line under it; or, for an answer no document supports, that it is not
+    from the plant's documents."""
     sources = reply.get("sources") if isinstance(reply, dict) else [asdict(s) for s in reply.sources]
+    grounded = reply.get("grounded") if isinstance(reply, dict) else reply.grounded
+    if grounded is False:
+        print("\n(Not from the plant's documents: the model answered alone. Check it before you act on it.)",
+              file=out)
     if not sources:
         return
     print("\nSources:", file=out)
