@@ -101,7 +101,9 @@ class KnowledgeConfig:
     """The plant's own documents (``[knowledge]``): alarm tables, manuals, safety sheets."""
 
     paths: tuple[str, ...] = ()
-    """Files or directories of Markdown (``.md``), text (``.txt``), PDF (``.pdf``) and CSV (``.csv``)."""
+    """Files or directories of Markdown (``.md``), text (``.txt``), PDF (``.pdf``), CSV (``.csv``), Word
+    (``.docx``), Excel (``.xlsx``) and HTML (``.html``, ``.htm``). Empty by default; ``scripts/start`` in a checkout
+    names the bundled example documents (``examples/start.toml``) when no config file is given."""
     index: str = ""
     """The SQLite index file; empty: ``knowledge.sqlite`` in the state directory."""
     id_columns: tuple[str, ...] = ("code", "alarm", "alarm_code", "id", "error", "error_code", "fault", "part",
