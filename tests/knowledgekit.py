@@ -161,6 +161,7 @@ def write_xlsx(source: Path, path: Path) -> Path:
     hold a whole number without a leading zero are written as numbers, as a spreadsheet keeps them."""
     import openpyxl  # imported here so that the other sets build without it
     from openpyxl.styles import Font
+    from openpyxl.utils import get_column_letter
 
     workbook = openpyxl.Workbook()
     sheet = workbook.active
@@ -173,7 +174,7 @@ def write_xlsx(source: Path, path: Path) -> Path:
         cell.font = Font(bold=True)
     sheet.freeze_panes = "A2"
     for c, column in enumerate(zip(*rows, strict=True), 1):
-        sheet.column_dimensions[openpyxl.utils.get_column_letter(c)].width = min(60, max(len(v) for v in column) + 2)
+        sheet.column_dimensions[get_column_letter(c)].width = min(60, max(len(v) for v in column) + 2)
     workbook.properties.creator = "Maintenance department"
     workbook.properties.created = workbook.properties.modified = FIXED_TIME
     workbook.save(str(path))
