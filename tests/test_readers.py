@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_assistant.config import KnowledgeConfig
+from edge_assistant.config import KnowledgeConfig, load_config
 from edge_assistant.knowledge.readers import (
     Chunk,
     UnreadableError,
@@ -403,3 +403,26 @@ def test_csv_and_excel_readers_keep_every_value(table: list[list[str]]) -> None:
     assert in_order(values, chunk_words(read_xlsx(xlsx_bytes({"Sheet": [header, *table]}), MAX_CHARS,
                                                   ID_COLUMNS).chunks))
 
+
+
+# --- the example documents that scripts/start answers from -----------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_example_documents_are_what_scripts_start_answers_from() -> None:
+    config = load_config(ROOT / "examples" / "start.toml")
+    named = [ROOT / p for p in config.knowledge.paths]
+    bundled = sorted(p for p in (ROOT / "examples" / "documents").iterdir() if p.name != "README.md")
+    assert sorted(named) == bundled  # every example document, and not the folder's README
+    chunks = {p.name: read_document(p, p.read_bytes(), config.knowledge).chunks for p in named}
+    assert all(chunks.values())
+    # a procedure whose first step is the lock-out, then steps with quantities
+    coolant = next(c for c in chunks["maintenance_manual.md"] if c.location.endswith("4.1 Changing the coolant"))
+    steps = [line for line in coolant.text.splitlines() if re.match(r"\d+\. ", line)]
+    assert steps[0] == "1. Switch the main switch OFF and lock it with your own padlock (section 1)."
+    assert any("85 litres" in s for s in steps)
+    # an alarm found by its code, and the safety sheet's table read as rows
+    assert any(c.row_id == "2014" and "COOLANT LEVEL LOW" in c.text for c in chunks["alarms.csv"])
+    assert any(c.kind == "row" and c.text.startswith("Task: Removing chips\nWear: Cut-resistant gloves")
+               for c in chunks["safety_sheet.html"])
