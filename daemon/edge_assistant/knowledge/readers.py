@@ -224,7 +224,7 @@ class _Outline:
             self.pending.append(("", 0, 0))  # a heading with nothing under it: its path alone, or its words are lost
         split = [item if isinstance(item, Chunk) else (_split(item[0], self.max_chars) or [""], item[1], item[2])
                  for item in self.pending]
-        numbered = self.path and sum(len(item[0]) for item in split if not isinstance(item, Chunk)) > 1
+        numbered = bool(self.path) and sum(len(item[0]) for item in split if not isinstance(item, Chunk)) > 1
         number = 0
         for item in split:
             if isinstance(item, Chunk):
