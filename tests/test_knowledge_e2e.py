@@ -130,3 +130,28 @@ def test_generate_json_carries_the_sources(docs: Path, tmp_path: Path) -> None:
     reply = json.loads(out.stdout)
     assert reply["sources"][0]["document"] == "maintenance.md"
     assert "Hydraulic unit" in reply["sources"][0]["location"]
+
+
+def test_the_first_question_of_a_fresh_start_is_answered_from_the_example_documents(
+        broker: Broker, watcher: Client, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """What `scripts/start` runs with no config of its own (examples/start.toml, the example documents of a fictional
+    lathe, named relative to the checkout where the daemon runs): the README's first question gets the whole
+    procedure, its safety step first, with its source."""
+    start = (ROOT / "examples" / "start.toml").read_text()
+    daemon = DaemonProcess(write_config(tmp_path_factory.mktemp("start") / "config.toml", broker, "start1", start))
+    watcher.subscribe("edge/start1/status")
+    daemon.start(wait_online=watcher, device="start1")
+    try:
+        out = subprocess.run(["mosquitto_rr", "-p", str(broker.port), "-u", "client", "-P", USERS["client"], "-V",
+                              "5", "-t", "edge/start1/request", "-e", "edge/start1/reply/rr", "-m",
+                              "How do I change the coolant?", "-W", "90"],
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 0, out.stderr
+        reply = json.loads(out.stdout)
+        assert reply["status"] == "ok" and reply["grounded"] is True
+        steps = [line for line in reply["text"].splitlines() if line[:2].rstrip(".").isdigit()]
+        assert steps[0].startswith("1. Switch the main switch OFF and lock it") and steps[-1].startswith("7. ")
+        first = reply["sources"][0]
+        assert first["document"] == "maintenance_manual.md" and "Changing the coolant" in first["location"]
+    finally:
+        daemon.stop()
