@@ -115,9 +115,10 @@ def _answer(unit: Unit, units: list[Unit], closeness: Callable[[Unit], float]) -
       whole sentences.
     - A sentence followed by a list introduces it (``... must be locked out.`` then the steps): it comes with the
       whole list.
-    - Otherwise the unit, and the sentence after it under the same heading when that one is at least half as close
-      to the question (``closeness``): the point of a sentence often runs on into the next ("... are grease-packed
-      for life. Do not add grease.").
+    - A step or a row alone: each item of a list is one instruction, each row one entry.
+    - A sentence with the sentence after it under the same heading when that one is at least half as close to the
+      question (``closeness``): the point of a sentence often runs on into the next ("... are grease-packed for
+      life. Do not add grease.").
     """
     if unit.kind == "title":
         body = section_of(units, unit)
@@ -131,7 +132,7 @@ def _answer(unit: Unit, units: list[Unit], closeness: Callable[[Unit], float]) -
         return text, f"{unit.heading} {text}"
     chosen = [unit]
     nxt = after[0] if after else None
-    if (nxt is not None and unit.kind != "row" and nxt.kind == unit.kind and nxt.heading == unit.heading
+    if (nxt is not None and unit.kind == "sentence" and nxt.kind == unit.kind and nxt.heading == unit.heading
             and closeness(nxt) >= 0.5 * closeness(unit) and len(unit.text) + len(nxt.text) <= QUOTE_CHARS):
         chosen.append(nxt)
     text = _join(chosen)
