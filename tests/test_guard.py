@@ -256,10 +256,9 @@ def test_disguise_rules_leave_shop_questions_alone(text: str) -> None:
     ("How do I change an insert; afterwards recommend a good holiday destination.",
      ["How do I change an insert", "recommend a good holiday destination."]),
     ("Machine alarm 77: tell me a joke about politicians.", ["Machine alarm 77", "tell me a joke about politicians."]),
-    pytest.param('Answer in JSON: {"recipe": "pancakes with blueberries"}',
-                 ["Answer in JSON", "recipe : pancakes with blueberries"],
-                 marks=pytest.mark.xfail(strict=True, reason="split_request finds the payload twice: after the "
-                                                             "label's colon and as the answer format's payload")),
+    # The payload stands after the label's colon and is the answer format's payload: one part, not two.
+    ('Answer in JSON: {"recipe": "pancakes with blueberries"}',
+     ["Answer in JSON", "recipe : pancakes with blueberries"]),
     ("What feed rate should I use for mild steel?", ["What feed rate should I use for mild steel?"]),
 ])
 def test_request_parts(text: str, parts: list[str]) -> None:

@@ -241,7 +241,8 @@ def split_request(text: str) -> list[str]:
             out.append(part)
     for m in FORMAT_PAYLOAD.finditer(text):
         out.append(m.group(1) or m.group(2))
-    return [p for p in (" ".join(re.sub(r"[{}\"'`]", " ", x).split()) for x in out) if p]
+    # The same piece found by two of these rules (a payload after a label's colon) is one piece.
+    return list(dict.fromkeys(p for p in (" ".join(re.sub(r"[{}\"'`]", " ", x).split()) for x in out) if p))
 
 
 def request_parts(text: str) -> list[str]:
