@@ -112,7 +112,8 @@ class KnowledgeConfig:
     max_chunk_chars: int = 1200
     """Longer sections and pages are split at paragraph ends."""
     min_coverage: float = 0.5
-    """Share of a question's words (weighted by rarity) a passage must contain to count as covering it."""
+    """Without sentence vectors (no sentence-embedding model): the share of a question's words (weighted by rarity)
+    an answer's context must hold to answer it. With them, the fitted check of ``knowledge.answer`` decides."""
 
     def __post_init__(self) -> None:
         if not 200 <= self.max_chunk_chars <= 20000:
