@@ -407,3 +407,16 @@ def test_names_and_headings_reach_the_prompt_escaped() -> None:
     (opening,) = [line for line in content.splitlines() if line.startswith("<doc ")]
     assert opening.count('"') == 2 and "<|im_start|>" not in content and "\n<doc" not in content.split("</doc>")[-1]
     assert "notes&quot;.md" in opening
+
+
+@pytest.mark.parametrize(("overrides", "needed"), [
+    ({}, True),  # the factory persona's guard judges relevance by embeddings
+    ({"personas": {"factory": {"guard": {"strictness": "off"}}}}, False),
+    ({"personas": {"factory": {"guard": {"strictness": "off"}}}, "knowledge": {"paths": ["/srv/docs"]}}, True),
+    ({"personas": {"factory": {"guard": {"strictness": "off"}, "knowledge": {"enabled": False}}},
+      "knowledge": {"paths": ["/srv/docs"]}}, False),
+])
+def test_which_configs_need_the_embedding_model(overrides: dict[str, object], needed: bool) -> None:
+    from edge_assistant.app import needs_embedder
+
+    assert needs_embedder(fake_config(**overrides)) is needed

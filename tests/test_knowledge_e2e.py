@@ -155,3 +155,29 @@ def test_the_first_question_of_a_fresh_start_is_answered_from_the_example_docume
         assert first["document"] == "maintenance_manual.md" and "Changing the coolant" in first["location"]
     finally:
         daemon.stop()
+
+
+def test_documents_added_by_a_reload_are_retrieved_by_meaning(broker: Broker, watcher: Client, docs: Path,
+                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A daemon started with nothing that needs the embedding model (no documents, the guard off) gets documents on
+    SIGHUP: the reload loads the embedding model with them instead of keeping a runtime without it, so their passages
+    are embedded and questions are matched by meaning, not silently by words alone."""
+    path = tmp_path_factory.mktemp("reload-docs") / "config.toml"
+    guard_off = '[personas.factory.guard]\nstrictness = "off"\n'
+    daemon = DaemonProcess(write_config(path, broker, "kb2", guard_off))
+    watcher.subscribe("edge/kb2/status")
+    daemon.start(wait_online=watcher, device="kb2")
+    try:
+        assert "units embedded" not in daemon.text()  # nothing to index yet
+        write_config(path, broker, "kb2", guard_off + f'[knowledge]\npaths = ["{docs}"]\n')
+        daemon.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        while "configuration reloaded" not in daemon.text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = daemon.text()
+        assert "configuration reloaded" in log, log[-2000:]
+        assert "by their words only" not in log
+        embedded = [line for line in log.splitlines() if "units embedded" in line]
+        assert embedded and " 0 units embedded" not in embedded[-1], embedded
+    finally:
+        daemon.stop()

@@ -125,6 +125,9 @@ def open_knowledge(config: Config, embedder: LlamaEmbedder | None = None, reinde
     if not config.knowledge.paths:
         return None
     sentence = embedder if embedder is not None and embedder.kind == "sentence" else None
+    if sentence is None:
+        log.warning("knowledge: no sentence-embedding model is loaded: questions are matched to the documents by "
+                    "their words only (set [model] embedding; scripts/setup fetches all-MiniLM-L6-v2)")
     if reindex:
         step(f"indexing the documents of {', '.join(config.knowledge.paths)}")
         build_index(config.knowledge, sentence)
@@ -144,6 +147,14 @@ def knowledge_embedder(config: Config) -> LlamaEmbedder | None:
         raise ModelCorruptError(f"{path}: llama.cpp cannot load it as an embedding model ({exc})") from exc
 
 
+def needs_embedder(config: Config) -> bool:
+    """Whether ``config`` needs an embedding model: a persona's guard judges relevance by embeddings, or a persona
+    answers from documents (their passages are embedded, to be retrieved by meaning)."""
+    guard = any(p.guard.relevance == "embedding" and p.guard.strictness != "off" and p.guard.on_topic
+                for p in config.personas.values())
+    return guard or (bool(config.knowledge.paths) and any(p.knowledge.enabled for p in config.personas.values()))
+
+
 def load_embedder(config: Config, the_plan: Plan, sha256: str, governor: ThreadGovernor | None = None,
                   runner: Runner | None = None, step: Step = _quiet) -> LlamaEmbedder | None:
     """The guard's embedding model, when a persona's guard uses embeddings: the sentence-embedding model of
@@ -152,11 +163,7 @@ def load_embedder(config: Config, the_plan: Plan, sha256: str, governor: ThreadG
     The guard examples' embeddings are kept beside the embedding model, named by its SHA-256, so a restart does
     not embed them again.
     """
-    needed = any(p.guard.relevance == "embedding" and p.guard.strictness != "off" and p.guard.on_topic
-                 for p in config.personas.values())
-    # The documents' passages are embedded too, to be retrieved by meaning.
-    needed = needed or (bool(config.knowledge.paths) and any(p.knowledge.enabled for p in config.personas.values()))
-    if not needed:
+    if not needs_embedder(config):
         return None
     path = config.model.embedding_path()
     if path is None:

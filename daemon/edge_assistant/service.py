@@ -388,7 +388,11 @@ class Daemon:
             plan = app.plan(new, voice=new.voice.enabled)
             current = scheduler.runtime
             same_file = _identity(plan.choice.info.path) == self._loaded_file
-            if current is not None and same_file and (new.model, new.profile) == (old.model, old.profile):
+            # A config that needs an embedding model the running runtime was built without (relevance turned on,
+            # documents added) loads it with the model: reusing the runtime would drop those checks silently.
+            embedder_missing = current is not None and current.embedder is None and app.needs_embedder(new)
+            if (current is not None and same_file and (new.model, new.profile) == (old.model, old.profile)
+                    and not embedder_missing):
                 n.status("reloading: configuration and documents")
                 knowledge = app.open_knowledge(new, current.embedder)
                 runtime = app.build_runtime(new, self.plan, current.engine, current.embedder,  # type: ignore[arg-type]

@@ -177,9 +177,9 @@ def build_index(cfg: KnowledgeConfig, embedder: Embedder | None = None) -> Index
     finally:
         conn.close()
     report.seconds = time.monotonic() - t0
-    log.info("knowledge: %d added, %d updated, %d removed, %d unchanged, %d skipped; %d chunks (%.2f s)",
-             len(report.added), len(report.updated), len(report.removed), report.unchanged, len(report.skipped),
-             report.chunks, report.seconds)
+    log.info("knowledge: %d added, %d updated, %d removed, %d unchanged, %d skipped; %d chunks, %d units embedded "
+             "(%.2f s)", len(report.added), len(report.updated), len(report.removed), report.unchanged,
+             len(report.skipped), report.chunks, report.embedded, report.seconds)
     return report
 
 
