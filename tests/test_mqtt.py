@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -617,3 +618,27 @@ def test_two_daemons_with_one_device_id_are_told_apart_in_the_log(broker: Broker
     finally:
         for d in daemons:
             d.stop()
+
+
+def test_relevance_turned_on_by_a_reload_is_checked_after_it(broker: Broker, watcher: Client,
+                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A daemon started with no persona judging relevance has no embedding model; a SIGHUP that turns relevance on
+    loads it, so an off-topic question is refused after the reload instead of passing silently."""
+    path = tmp_path_factory.mktemp("reload-guard") / "config.toml"
+    daemon = DaemonProcess(write_config(path, broker, "rg1", '[personas.factory.guard]\nrelevance = "none"\n'))
+    watcher.subscribe("edge/rg1/status")
+    daemon.start(wait_online=watcher, device="rg1")
+    question = "Which beach should I visit in July?"
+    try:
+        before = rr(broker, "edge/rg1/request", json.dumps({"text": question, "max_tokens": 16}))
+        assert "off_topic" not in json.dumps(before.get("error")), before
+        write_config(path, broker, "rg1")
+        daemon.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        while "configuration reloaded" not in daemon.text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "configuration reloaded" in daemon.text()
+        after = rr(broker, "edge/rg1/request", question)
+        assert after["status"] == "refused" and after["error"] == {"code": "off_topic", "message": ANY}, after
+    finally:
+        daemon.stop()
