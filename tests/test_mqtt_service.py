@@ -28,11 +28,12 @@ REPLY = "edge/dev1/reply/t"
 
 
 class Rig:
-    def __init__(self, stream_window_ms: float = 0.0, store: ReplyStore | None = None) -> None:
+    def __init__(self, stream_window_ms: float = 0.0, store: ReplyStore | None = None,
+                 plc_topic: str = "plant/+/alarm") -> None:
         self.engine = FakeEngine()
         config = fake_config(device_id="dev1", mqtt={"enabled": True, "discovery": False,
                                                      "stream_window_ms": stream_window_ms},
-                             plc=[{"topic": "plant/+/alarm"}])
+                             plc=[{"topic": plc_topic}])
         self.scheduler = Scheduler(fake_runtime(self.engine, config), queue_size=4, store=store)
         self.scheduler.start()
         self.client = FakeClient()
@@ -133,6 +134,21 @@ def test_forbidden_response_topic_gets_nothing_there(rig: Rig) -> None:
     rig.send('{"text": "hi", "id": "f"}', response_topic="elsewhere/steal")
     assert rig.client.on("elsewhere/steal") == [] and rig.client.on("edge/dev1/answer") == []
     assert rig.client.acks == [1]
+
+
+def test_a_reply_never_goes_to_a_plc_alarm_topic_the_daemon_listens_to() -> None:
+    """A PLC route under the reply prefix: a request asking for its reply there gets nothing there (the reply would
+    come back as a new alarm)."""
+    rig = Rig(plc_topic="edge/plc/+/alarm")
+    try:
+        rig.send('{"text": "hi", "id": "loop"}', response_topic="edge/plc/gw1/alarm")
+        rig.wait_acks(1)
+        assert rig.client.on("edge/plc/gw1/alarm") == [] and rig.client.acks == [1]
+        rig.send('{"text": "hi", "id": "ok"}')
+        rig.wait_acks(2)
+        assert [r["id"] for r in rig.finals()] == ["ok"]
+    finally:
+        rig.scheduler.stop(grace_s=1)
 
 
 def test_full_queue_says_busy_to_the_client(rig: Rig) -> None:

@@ -19,6 +19,7 @@ from edge_assistant.protocol import (
     Topics,
     answer_payload,
     check_reply_topic,
+    filter_matches,
     parse,
     reply_payload,
     salvage,
@@ -171,6 +172,24 @@ def test_home_assistant_topics_are_refused_whatever_the_allowed_prefix() -> None
     assert check_reply_topic("ha/discs/x", "", t) == "ha/discs/x"
     with pytest.raises(ForbiddenTopicError, match="discovery prefix 'homeassistant'"):
         check_reply_topic("homeassistant/device/x/config", "home", T)
+
+
+def test_topics_the_daemon_listens_to_for_plc_alarms_are_refused_as_reply_topics() -> None:
+    """A reply on a PLC route's alarm topic would come back to the daemon as a new alarm (a loop)."""
+    t = Topics("edge", "dev1", listened=("edge/plc/+/alarm", "edge/line2/#"))
+    for topic in ("edge/plc/gw1/alarm", "edge/line2", "edge/line2/press/4"):
+        with pytest.raises(ForbiddenTopicError, match="a topic the daemon listens to"):
+            check_reply_topic(topic, "edge/", t)
+    for topic in ("edge/plc/gw1/alarm/reply", "edge/plc/alarm", "edge/line3/x"):
+        assert check_reply_topic(topic, "edge/", t) == topic
+
+
+@pytest.mark.parametrize(("pattern", "topic", "matches"), [
+    ("a/+/c", "a/b/c", True), ("a/+/c", "a/b/c/d", False), ("a/#", "a", True), ("a/#", "a/b/c", True),
+    ("#", "x/y", True), ("a/b", "a/b", True), ("a/b", "a/bb", False), ("+", "a/b", False),
+])
+def test_topic_filters(pattern: str, topic: str, matches: bool) -> None:
+    assert filter_matches(pattern, topic) is matches
 
 
 def test_every_topic_the_daemon_builds_is_refused_as_a_reply_topic() -> None:

@@ -75,7 +75,8 @@ class MqttService:
         self.scheduler = scheduler
         self.model, self.profile = model, profile
         m = config.mqtt
-        self.topics = protocol.Topics(m.prefix, config.device, m.discovery_prefix)
+        self.topics = protocol.Topics(m.prefix, config.device, m.discovery_prefix,
+                                      tuple(route.topic for route in config.plc))
         self.allowed_prefix = m.response_prefix or f"{m.prefix}/"
         self.health = HealthSampler()
         self.plc = PlcGateway(config.plc)

@@ -64,6 +64,9 @@ class Topics:
     prefix: str
     device: str
     discovery_prefix: str = "homeassistant"
+    listened: tuple[str, ...] = ()
+    """Other topic filters the daemon subscribes to (the PLC routes' alarm topics): a reply there would be read as
+    a request."""
 
     @property
     def base(self) -> str:
@@ -131,6 +134,9 @@ class Topics:
         home = self.discovery_prefix.split("/")
         if self.discovery_prefix and levels[:len(home)] == home:
             return f"under Home Assistant's discovery prefix {self.discovery_prefix!r}"
+        for pattern in self.listened:
+            if filter_matches(pattern, topic):
+                return f"a topic the daemon listens to ({pattern!r})"
         return ""
 
     def persona_of(self, topic: str) -> str:
@@ -154,6 +160,17 @@ class Incoming:
     """MQTT v5 Correlation Data, echoed exactly."""
     key: str
     """Identity for de-duplication: the same key is answered once."""
+
+
+def filter_matches(pattern: str, topic: str) -> bool:
+    """Whether MQTT topic filter ``pattern`` (``+`` one level, ``#`` this level and all below) matches ``topic``."""
+    want, have = pattern.split("/"), topic.split("/")
+    for i, level in enumerate(want):
+        if level == "#":
+            return True
+        if i >= len(have) or (level != "+" and level != have[i]):
+            return False
+    return len(want) == len(have)
 
 
 def check_reply_topic(topic: str, allowed_prefix: str, topics: Topics) -> str:
