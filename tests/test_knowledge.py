@@ -420,3 +420,21 @@ def test_which_configs_need_the_embedding_model(overrides: dict[str, object], ne
     from edge_assistant.app import needs_embedder
 
     assert needs_embedder(fake_config(**overrides)) is needed
+
+
+def test_a_section_split_into_parts_is_found_whole(tmp_path: Path) -> None:
+    """A procedure longer than one chunk is stored in parts; the one found is joined again with the others, so it
+    is quoted from its first step to its last."""
+    steps = "\n".join(f"{n}. Step {n} of changing the gearbox oil, done with care and the right tools." for n in
+                      range(1, 9))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "manual.md").write_text(f"# Manual\n## Gearbox oil change\n{steps}\n## Other\nNothing.\n")
+    kcfg = KnowledgeConfig(paths=(str(tmp_path / "docs"),), index=str(tmp_path / "i.sqlite"), max_chunk_chars=300)
+    build_index(kcfg)
+    r = Retriever.open(kcfg)
+    try:
+        first = r.find("gearbox oil change step 8").passages[0]
+        assert first.location == "section Manual > Gearbox oil change"
+        assert "1. Step 1" in first.text and "8. Step 8" in first.text and first.text.count("Gearbox oil change") == 1
+    finally:
+        r.close()

@@ -75,6 +75,15 @@ _LEVELS: tuple[tuple[Callable[[str], list[str]], str], ...] = (
 )
 
 
+PART = re.compile(r" \(part \d+\)$")
+"""How a location names one part of a section, page or block too long for one chunk (``part_label``)."""
+
+
+def part_label(number: int) -> str:
+    """The end of the location of part ``number`` of a section, page or block split into several chunks."""
+    return f" (part {number})"
+
+
 def _split(text: str, max_chars: int) -> list[str]:
     """``text`` in parts of at most ``max_chars``, split at paragraph ends, then at line ends that end a sentence or
     start a list item, then at sentence ends, then at spaces. Every word stays: a single word longer than
@@ -234,10 +243,10 @@ class _Outline:
             for i, part in enumerate(parts, 1):
                 number += 1
                 if self.path:
-                    location = f"section {where}" + (f" (part {number})" if numbered else "")
+                    location = f"section {where}" + (part_label(number) if numbered else "")
                     self.chunks.append(Chunk(location, f"{where}\n{part}" if part else where, kind="section"))
                 else:
-                    location = f"{self.unit} {first}-{last}" + (f" (part {i})" if len(parts) > 1 else "")
+                    location = f"{self.unit} {first}-{last}" + (part_label(i) if len(parts) > 1 else "")
                     self.chunks.append(Chunk(location, part, kind="text"))
         self.pending = []
 
@@ -286,7 +295,7 @@ def read_text(text: str, max_chars: int) -> Parsed:
             body = "\n\n".join(p[2] for p in group)
             parts = _split(body, max_chars)
             for i, part in enumerate(parts, 1):
-                where = f"lines {group[0][0]}-{group[-1][1]}" + (f" (part {i})" if len(parts) > 1 else "")
+                where = f"lines {group[0][0]}-{group[-1][1]}" + (part_label(i) if len(parts) > 1 else "")
                 chunks.append(Chunk(where, part, kind="text"))
             group.clear()
 
@@ -317,7 +326,7 @@ def read_pdf(data: bytes, max_chars: int) -> Parsed:
     for number, text in enumerate(pages, 1):
         parts = _split(re.sub(r"[ \t]+", " ", text), max_chars)
         for i, part in enumerate(parts, 1):
-            chunks.append(Chunk(f"page {number}" + (f" (part {i})" if len(parts) > 1 else ""), part, kind="page"))
+            chunks.append(Chunk(f"page {number}" + (part_label(i) if len(parts) > 1 else ""), part, kind="page"))
     if pages and not chunks:
         raise UnreadableError("the PDF has no extractable text (a scan without a text layer?)")
     return Parsed(tuple(chunks), len(pages))
@@ -401,7 +410,7 @@ def _sheet_chunks(name: str, rows: Iterable[tuple[int, list[str]]], max_chars: i
     if texts:
         parts = _split("\n".join(t for _, t in texts), max_chars)
         where = f"sheet {name} rows {texts[0][0]}-{texts[-1][0]}"
-        chunks[:0] = [Chunk(where + (f" (part {i})" if len(parts) > 1 else ""), part, kind="text")
+        chunks[:0] = [Chunk(where + (part_label(i) if len(parts) > 1 else ""), part, kind="text")
                       for i, part in enumerate(parts, 1)]
     return chunks
 

@@ -15,7 +15,6 @@ Whether the best passage answers the question is decided in ``answer``, from wha
 from __future__ import annotations
 
 import math
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -30,11 +29,10 @@ from ..messages import Passage
 from ..text import content_words, stem
 from .identifiers import identifiers_in, spaced_identifiers
 from .index import DocumentInfo, Embedder, connect, digest_of
+from .readers import PART
 
 CANDIDATES = 24
 """Chunks taken from each ranking before they are fused."""
-PART = re.compile(r" \(part \d+\)$")
-"""How a reader names one part of a section, page or block too long for one chunk."""
 RRF_K = 60
 """Reciprocal rank fusion's constant, as its authors set it (Cormack, Clarke and Büttcher, 2009)."""
 
@@ -210,9 +208,10 @@ class Retriever:
             if (p.document, base) in seen:
                 continue
             seen.add((p.document, base))
-            parts = self._conn.execute(
-                "SELECT c.id, c.text FROM chunks c JOIN documents d ON d.id = c.document WHERE d.name = ? AND "
-                "c.location LIKE ? ESCAPE '\\' ORDER BY c.ord", (p.document, _like(base) + " (part %)")).fetchall()
+            rows = self._conn.execute(
+                "SELECT c.id, c.location, c.text FROM chunks c JOIN documents d ON d.id = c.document WHERE d.name = ? "
+                "AND substr(c.location, 1, ?) = ? ORDER BY c.ord", (p.document, len(base), base)).fetchall()
+            parts = [(chunk, text) for chunk, location, text in rows if PART.sub("", location) == base]
             text, joined = "", tuple[float, ...]()
             for n, (chunk, part_text) in enumerate(parts):
                 body, part_sims = part_text, self._similarities(chunk, qvec)
@@ -232,9 +231,4 @@ class Retriever:
         start = int(self._starts[at])
         end = int(self._starts[at + 1]) if at + 1 < len(self._starts) else len(self._vectors)
         return tuple(float(x) for x in self._vectors[start:end] @ qvec)
-
-
-def _like(text: str) -> str:
-    """``text`` for a LIKE pattern, its wildcards escaped."""
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
