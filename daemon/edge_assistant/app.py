@@ -141,10 +141,7 @@ def knowledge_embedder(config: Config) -> LlamaEmbedder | None:
     if path is None or not path.is_file():
         return None
     _hw, settings = plan_settings(config)
-    try:
-        return LlamaEmbedder.load(str(path), settings.n_threads)
-    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
-        raise ModelCorruptError(f"{path}: llama.cpp cannot load it as an embedding model ({exc})") from exc
+    return _open_embedder(path, settings.n_threads)
 
 
 def needs_embedder(config: Config) -> bool:
@@ -177,7 +174,13 @@ def load_embedder(config: Config, the_plan: Plan, sha256: str, governor: ThreadG
         inspect(path)  # a truncated or foreign file: ModelCorruptError naming it, before llama.cpp sees it
     cache = path.with_name(f".{path.name}.{sha256[:16]}.embeddings.npz")
     step(f"loading the guard's embedding model {path.name}")
+    return _open_embedder(path, the_plan.settings.n_threads, cache, governor, runner)
+
+
+def _open_embedder(path: Path, n_threads: int, cache: Path | None = None, governor: ThreadGovernor | None = None,
+                   runner: Runner | None = None) -> LlamaEmbedder:
+    """``LlamaEmbedder.load``, a file llama.cpp refuses being ``ModelCorruptError`` naming it."""
     try:
-        return LlamaEmbedder.load(str(path), the_plan.settings.n_threads, cache, governor, runner)
+        return LlamaEmbedder.load(str(path), n_threads, cache, governor, runner)
     except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
         raise ModelCorruptError(f"{path}: llama.cpp cannot load it as an embedding model ({exc})") from exc
