@@ -1,65 +1,22 @@
-"""The topic guard: input rules, a relevance check with a model on the device, and an output check.
+"""The guard's rules: pure checks of a request's and an answer's text, with no model.
 
-Each layer returns a ``Verdict``; the first refusal wins and names its layer and a reason code. The rules are pure;
-the relevance layer takes an ``Embedder`` (llama.cpp embeddings of the loaded model, see ``engine.Embedder``) and
-compares the request with the persona's on-topic and off-topic examples, nearest neighbours first.
+On the input side, chat-template role markers, injection, extraction and disguise markers, encoded or disguised
+payloads, the persona's languages and its blocked subjects (``check_input``); the splitting of a request into the
+tasks it joins (``split_request``); on the output side, role markers, blocked subjects and stretches of the system
+prompt (``check_output``). Each check returns a ``Verdict``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import re
-import time
 import unicodedata
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
-
-import numpy as np
-import numpy.typing as npt
-
-log = logging.getLogger(__name__)
+from dataclasses import dataclass
+from typing import Literal
 
 Strictness = Literal["off", "low", "medium", "high"]
 
-
-@dataclass(frozen=True)
-class Margins:
-    """The relevance layer's thresholds for one kind of embedding model: a margin is the mean similarity to the
-    nearest on-topic examples minus the same for off-topic ones, and each kind of model has its own scale.
-    Chosen from the figures ``scripts/eval_guard`` prints on the tuning parts (see README, "Staying on topic")."""
-
-    request: dict[str, float]
-    """Per strictness: the margin a request must reach."""
-    part: float
-    """How much further on the domain's side a joined task must be when it names nothing of the domain."""
-    answer: dict[str, float]
-    """Per strictness: the margin one sentence of an answer must reach (answers are statements, the examples
-    requests: a lower bar)."""
-    answer_with_previous: float | None
-    """A sentence below ``answer`` but not below ``answer_floor`` is still let through when, read together with
-    the sentence before it, its margin reaches ``answer`` plus this (a sentence such as "If you can see one,
-    that's good." names nothing alone), or when the sentence after it is on topic by itself: the answer comes
-    back to its topic at once ("Then use a small brush to remove the dirt from the filter."). The answer's
-    opening sentence, which has none before it, is let through when, read together with the sentence after it,
-    it reaches what a request must (``request``), floor or not: an opening such as "First week, start with a
-    beginner's approach." is judged by what it opens. None: every sentence is judged alone."""
-    answer_floor: float = -1.0
-    """Below this a sentence is off topic whatever comes before it (a story, a joke, the weather after a
-    sentence about coolant)."""
-
-
-MARGINS: dict[str, Margins] = {
-    # A sentence-embedding model (all-MiniLM-L6-v2, the default): similarities spread over [-0.2, 1].
-    "sentence": Margins(request={"low": 0.02, "medium": 0.04, "high": 0.06}, part=0.03,
-                        answer={"low": -0.06, "medium": -0.04, "high": -0.02}, answer_with_previous=0.02,
-                        answer_floor=-0.14),
-    # The chat model's own hidden states, mean-pooled: all similarities crowd near 1.
-    "llm": Margins(request={"low": -0.01, "medium": 0.0, "high": 0.015}, part=0.03,
-                   answer={"low": -0.04, "medium": -0.02, "high": -0.01}, answer_with_previous=None),
-}
 
 # Chat-template and role markers: in user text they are an attempt to open a new turn.
 ROLE_MARKERS = re.compile(
@@ -317,33 +274,6 @@ class Verdict:
 ALLOW = Verdict(True)
 
 
-class Embedder(Protocol):
-    """Unit-length embeddings of texts."""
-
-    @property
-    def kind(self) -> str:
-        """``sentence`` (a sentence-embedding model) or ``llm`` (a chat model's hidden states): picks ``MARGINS``."""
-        ...
-
-    def embed(self, texts: Sequence[str], remember: bool = False) -> npt.NDArray[np.float32]: ...
-
-
-@runtime_checkable
-class Chooser(Protocol):
-    """A model that picks one of several answers (``engine.Engine.choose``)."""
-
-    def choose(self, messages: Sequence[dict[str, str]], options: Sequence[str], seed: int = 1) -> str: ...
-
-
-def ask_yes_no(chooser: Chooser, domain: str, text: str) -> bool:
-    """Ask the loaded model whether ``text`` belongs to ``domain`` (a GBNF grammar allows only yes or no)."""
-    quoted = " ".join(text.split())[:500].replace("<", "(").replace(">", ")")
-    messages = [{"role": "system", "content": "You decide whether a request belongs to a domain. Answer yes or no."},
-                {"role": "user", "content": f"Domain: {domain}\nRequest: <<{quoted}>>\n"
-                                            "Does the request belong to the domain?"}]
-    return chooser.choose(messages, ["yes", "no"]) == "yes"
-
-
 def neutralize_markers(text: str) -> str:
     """User text with chat-template markers broken, so they tokenize as text, never as special tokens."""
     return ROLE_MARKERS.sub(lambda m: m.group(0).replace("<", "<\u200b").replace("[", "[\u200b")
@@ -377,164 +307,6 @@ def check_input(text: str, cfg: GuardConfig) -> Verdict:
         if m:
             return Verdict(False, "input", "blocked_subject", f"blocked subject {pattern!r} matched {m.group(0)!r}")
     return ALLOW
-
-
-def keyword_hit(text: str, cfg: GuardConfig) -> str:
-    """The first allowed subject found in ``text`` as a whole word, or ``""``."""
-    return _word_hit(text, cfg.allowed_subjects)
-
-
-def _word_hit(text: str, words: Sequence[str]) -> str:
-    lowered = text.lower()
-    for word in words:
-        if re.search(rf"(?<![\w-]){re.escape(word.lower())}(?![\w-])", lowered):
-            return word
-    return ""
-
-
-@dataclass
-class Relevance:
-    """Nearest-example relevance for one persona, with the examples' embeddings computed once."""
-
-    cfg: GuardConfig
-    embedder: Embedder | None
-    chooser: Chooser | None = None
-    _on: npt.NDArray[np.float32] | None = field(default=None, init=False)
-    _off: npt.NDArray[np.float32] | None = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        if self.embedder is not None and self.cfg.relevance == "embedding" and self.cfg.on_topic:
-            t0 = time.monotonic()
-            self._on = self.embedder.embed(self.cfg.on_topic, remember=True)
-            self._off = self.embedder.embed(self.cfg.off_topic, remember=True)
-            log.info("relevance examples embedded (%d on, %d off) in %.0f ms", len(self.cfg.on_topic),
-                     len(self.cfg.off_topic), (time.monotonic() - t0) * 1000)
-
-    @property
-    def margins(self) -> Margins:
-        """The thresholds for this embedder's kind."""
-        return MARGINS.get(self.embedder.kind if self.embedder is not None else "llm", MARGINS["llm"])
-
-    @property
-    def active(self) -> bool:
-        """Whether this persona has a relevance layer."""
-        if self.cfg.strictness == "off":
-            return False
-        if self.cfg.relevance == "yesno":
-            return self.chooser is not None and bool(self.cfg.domain)
-        return self._on is not None
-
-    def margin(self, text: str, k: int = 3) -> float:
-        """Mean of the ``k`` nearest on-topic similarities minus the same for off-topic examples."""
-        assert self.embedder is not None and self._on is not None and self._off is not None
-        v = self.embedder.embed([text])[0]
-        if not np.any(v):  # a text the model could not embed is judged far off topic, never waved through
-            return -1.0
-        on = np.sort(self._on @ v)[-k:].mean()
-        off = np.sort(self._off @ v)[-k:].mean()
-        return float(on - off)
-
-    def check(self, text: str, covered: bool = False) -> Verdict:
-        """Allow when an allowed subject is named or the margin clears the strictness threshold, and every task
-        the request joins to it does too. ``covered``: the plant's documents answer the request, so only the
-        joined tasks are judged."""
-        if self.cfg.strictness == "off":
-            return ALLOW
-        whole = ALLOW if covered else self._judge(text)
-        if not whole.allowed:
-            return whole
-        pieces = split_request(text)
-        if len(pieces) > 1 and self.active:
-            for part in (p for p in pieces if len(p.split()) >= 3):
-                verdict = self._judge_part(part)
-                if not verdict.allowed:
-                    return verdict
-        return whole
-
-    def _judge_part(self, part: str) -> Verdict:
-        """A task joined to others: on topic when it names a subject or a word of the domain, or its margin is
-        clearly on the domain's side."""
-        if keyword_hit(part, self.cfg) or _word_hit(part, self.cfg.vocabulary):
-            return ALLOW
-        if self.cfg.relevance == "embedding" and self._on is not None:
-            score = self.margin(part)
-            if score >= self.margins.request[self.cfg.strictness] + self.margins.part:
-                return ALLOW
-            return Verdict(False, "relevance", "compound", f"joined task {part[:60]!r} names nothing of the domain "
-                                                           f"(margin {score:.3f})", score)
-        return Verdict(False, "relevance", "compound", f"joined task {part[:60]!r} names nothing of the domain")
-
-    def _judge(self, text: str) -> Verdict:
-        word = keyword_hit(text, self.cfg)
-        if word:
-            return Verdict(True, "relevance", "", f"allowed subject {word!r}")
-        if not self.active:
-            return ALLOW
-        if self.cfg.relevance == "yesno":
-            assert self.chooser is not None
-            if ask_yes_no(self.chooser, self.cfg.domain, text):
-                return Verdict(True, "relevance", "", "the model said yes")
-            return Verdict(False, "relevance", "off_topic", "the model said the request is outside the domain")
-        score = self.margin(text)
-        threshold = self.margins.request[self.cfg.strictness]
-        if score < threshold:
-            return Verdict(False, "relevance", "off_topic", f"margin {score:.3f} below {threshold:.3f}", score)
-        return Verdict(True, "relevance", "", f"margin {score:.3f}", score)
-
-    @property
-    def checks_answers(self) -> bool:
-        """Whether answers are checked sentence by sentence (embeddings and ``answer_check`` on)."""
-        return self.cfg.strictness != "off" and self.cfg.answer_check and self._on is not None
-
-    def check_answer(self, sentence: str, context_words: frozenset[str] = frozenset(), previous: str = "",
-                     following: str = "") -> Verdict:
-        """One sentence of an answer: on topic when it names an allowed subject, shares two words with the
-        passages it was answered from (``context_words``), or its margin clears ``margins.answer`` alone; else
-        judged with its neighbours, the ``previous`` sentence and the ``following`` one, as
-        ``Margins.answer_with_previous`` says."""
-        if not self.checks_answers:
-            return ALLOW
-        if len(re.findall(r"[^\W\d_]{2,}", sentence)) < 4 or keyword_hit(sentence, self.cfg):
-            return ALLOW  # fewer than four words (list numbers are not words) say nothing of a topic
-        if context_words and len(content_words(sentence) & context_words) >= 2:
-            return ALLOW
-        score = self.margin(sentence)
-        threshold = self.margins.answer[self.cfg.strictness]
-        if score >= threshold:
-            return ALLOW
-        if previous and self.margins.answer_with_previous is not None and score >= self.margins.answer_floor:
-            joined = self.margin(f"{previous} {sentence}")
-            if joined >= threshold + self.margins.answer_with_previous:
-                return ALLOW
-        if following and self.margins.answer_with_previous is not None:
-            if not previous:
-                if self.margin(f"{sentence} {following}") >= self.margins.request[self.cfg.strictness]:
-                    return ALLOW
-            elif score >= self.margins.answer_floor and self.check_answer(following, context_words).allowed:
-                return ALLOW
-        return Verdict(False, "output", "off_topic_answer", f"an answer sentence of {len(sentence.split())} words: "
-                                                            f"margin {score:.3f} below {threshold:.3f}", score)
-
-    def waits(self, refused: Verdict, opening: bool) -> bool:
-        """Whether an answer's sentence ``refused`` as it stands may still pass once the sentence after it is
-        known (see ``check_answer``): the answer's ``opening`` sentence (the one with none before it), or any
-        not below ``answer_floor``."""
-        if self.margins.answer_with_previous is None:
-            return False
-        return opening or (refused.score is not None and refused.score >= self.margins.answer_floor)
-
-
-def content_words(text: str) -> frozenset[str]:
-    """Lower-case words of four letters or more: what two texts must share to be about the same thing."""
-    return frozenset(w for w in re.findall(r"[^\W\d_]{4,}", text.lower()))
-
-
-def judge(text: str, cfg: GuardConfig, relevance: Relevance | None) -> Verdict:
-    """The request-side guard as the pipeline runs it when no document covers the request: rules, relevance."""
-    verdict = check_input(text, cfg)
-    if not verdict.allowed or relevance is None:
-        return verdict
-    return relevance.check(text)
 
 
 def check_output(answer: str, cfg: GuardConfig, system_prompt: str, window: int = 40) -> Verdict:

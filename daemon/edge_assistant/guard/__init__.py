@@ -1,0 +1,78 @@
+"""The topic guard: input rules, a relevance check with a model on the device, and an output check.
+
+Each layer returns a ``Verdict``; the first refusal wins and names its layer and a reason code.
+
+- ``rules``: pure checks of text, with no model: a request's role markers, injection, extraction and disguise
+  markers, encoded payloads, language and blocked subjects; the tasks a request joins; an answer's role markers,
+  blocked subjects and stretches of the system prompt.
+- ``relevance``: whether a request, or a sentence of an answer, belongs to the persona's domain, by the nearest of
+  its on-topic and off-topic examples in an embedding space (or a yes/no question to the loaded model).
+
+Imports run one way: ``relevance`` uses ``rules``, never the reverse.
+"""
+
+from .relevance import (
+    MARGINS,
+    Chooser,
+    Embedder,
+    Margins,
+    Relevance,
+    ask_yes_no,
+    content_words,
+    judge,
+    keyword_hit,
+)
+from .rules import (
+    ALLOW,
+    DRESSED_MARKERS,
+    ENGLISH,
+    EXTRACTION_MARKERS,
+    FORMAT_PAYLOAD,
+    INJECTION_MARKERS,
+    LABELLED,
+    OTHER_LANGUAGES,
+    ROLE_MARKERS,
+    TASK_JOINS,
+    GuardConfig,
+    Strictness,
+    Verdict,
+    check_input,
+    check_output,
+    encoded_payload,
+    language_of,
+    neutralize_markers,
+    request_parts,
+    split_request,
+)
+
+__all__ = [
+    "ALLOW",
+    "DRESSED_MARKERS",
+    "ENGLISH",
+    "EXTRACTION_MARKERS",
+    "FORMAT_PAYLOAD",
+    "INJECTION_MARKERS",
+    "LABELLED",
+    "MARGINS",
+    "OTHER_LANGUAGES",
+    "ROLE_MARKERS",
+    "TASK_JOINS",
+    "Chooser",
+    "Embedder",
+    "GuardConfig",
+    "Margins",
+    "Relevance",
+    "Strictness",
+    "Verdict",
+    "ask_yes_no",
+    "check_input",
+    "check_output",
+    "content_words",
+    "encoded_payload",
+    "judge",
+    "keyword_hit",
+    "language_of",
+    "neutralize_markers",
+    "request_parts",
+    "split_request",
+]
