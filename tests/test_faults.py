@@ -265,7 +265,7 @@ def test_voice_source_fails_then_speech_is_answered(tmp_path: Path, runtime: Run
 
     monkeypatch.setattr(voice_loop, "BACKOFF_S", (0.2, 1.0))
     speech = tmp_path / "q.wav"
-    subprocess.run(["espeak-ng", "-v", "ko", "-w", str(speech), "기계가 멈췄어요. 도와주세요."], check=True)
+    subprocess.run(["espeak-ng", "-v", "ko", "-w", str(speech), "컨베이어가 멈췄습니다. 확인해 주세요."], check=True)
     s = Scheduler(runtime)
     s.start()
     status: list[str] = []

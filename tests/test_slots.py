@@ -28,7 +28,7 @@ MIX = [
     Request(text="What does a torque wrench setting of 25 Nm mean for the chuck jaws?", max_tokens=36),
     Request(text="The chip conveyor is jammed. What now?", max_tokens=28),
     Request(text="Name three kinds of cutting fluid.", temperature=0.7, max_tokens=20),
-    Request(text="What is the difference between climb and conventional milling?", max_tokens=48),
+    Request(text="Why does climb milling leave a better finish on an aluminium pocket?", max_tokens=48),
 ]
 
 

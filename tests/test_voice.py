@@ -74,8 +74,8 @@ def concat(parts: Sequence[Path | float], out: Path) -> Path:
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("speech")
-    return {"question": say_ko("기계가 멈췄어요. 도와주세요.", d / "q.wav"), "wake": say_ko(WAKE, d / "wake.wav"),
-            "dir": d}
+    return {"question": say_ko("컨베이어가 멈췄습니다. 확인해 주세요.", d / "q.wav"),
+            "wake": say_ko(WAKE, d / "wake.wav"), "dir": d}
 
 
 @pytest.fixture(scope="module")
