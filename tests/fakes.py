@@ -3,11 +3,16 @@ of the broker connection. The end-to-end tests use the real model and a real Mos
 
 from __future__ import annotations
 
+import hashlib
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from edge_assistant.config import Config, load_config
 from edge_assistant.messages import Generation, Message, Sampling
@@ -153,3 +158,28 @@ class FakeMessage:
     properties: FakeProps | None = None
     retain: bool = False
     dup: bool = False
+
+
+class WordEmbedder:
+    """Deterministic unit vectors in place of a sentence-embedding model: the normalised sum of one fixed random
+    vector per word (seeded by the word and ``salt``, which stands for another model)."""
+
+    kind = "sentence"
+
+    def __init__(self, dim: int = 24, salt: str = "") -> None:
+        self.dim = dim
+        self.salt = salt
+        self.embedded: list[str] = []
+        """Every text asked for, in order."""
+
+    def _word(self, word: str) -> npt.NDArray[np.float64]:
+        seed = int.from_bytes(hashlib.sha256((self.salt + word).encode()).digest()[:8], "little")
+        return np.random.default_rng(seed).standard_normal(self.dim)
+
+    def embed(self, texts: Sequence[str], remember: bool = False) -> npt.NDArray[np.float32]:
+        self.embedded += list(texts)
+        rows = []
+        for text in texts:
+            v = sum((self._word(w) for w in re.findall(r"\w+", text.lower())), np.zeros(self.dim))
+            rows.append(v / max(float(np.linalg.norm(v)), 1e-12))
+        return np.asarray(rows, dtype=np.float32)

@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 
 from edge_assistant import relevance_model as rm
 from edge_assistant.relevance_model import Classifier, CorpusError, Example
 
+from fakes import WordEmbedder
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class WordEmbedder:
-    """Deterministic unit vectors: the normalised sum of one fixed random vector per word (seeded by the word)."""
-
-    def __init__(self, dim: int = 24, salt: str = "") -> None:
-        self.dim = dim
-        self.salt = salt
-        self.embedded: list[str] = []
-
-    def _word(self, word: str) -> npt.NDArray[np.float64]:
-        seed = int.from_bytes(hashlib.sha256((self.salt + word).encode()).digest()[:8], "little")
-        return np.random.default_rng(seed).standard_normal(self.dim)
-
-    def embed(self, texts: Sequence[str], remember: bool = False) -> npt.NDArray[np.float32]:
-        self.embedded += list(texts)
-        rows = []
-        for text in texts:
-            v = sum((self._word(w) for w in re.findall(r"\w+", text.lower())), np.zeros(self.dim))
-            rows.append(v / max(float(np.linalg.norm(v)), 1e-12))
-        return np.asarray(rows, dtype=np.float32)
 
 
 SHOP = ["spindle", "coolant", "lathe", "alarm", "insert", "chuck", "offset", "axis", "tool", "fixture"]
