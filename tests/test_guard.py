@@ -21,9 +21,10 @@ from edge_assistant.guard import (
     neutralize_markers,
     request_parts,
 )
+from edge_assistant.guard.answer_gate import read_after
 from edge_assistant.messages import Generation, Message, Reply, Request, Sampling
 from edge_assistant.personas import build_messages, quote
-from edge_assistant.pipeline import Generator, Runtime, handle, read_after
+from edge_assistant.pipeline import Generator, Runtime, handle
 from edge_assistant.scheduler import Scheduler
 
 from fakes import FakeEngine, fake_config, fake_runtime

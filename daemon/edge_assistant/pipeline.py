@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -19,7 +18,7 @@ from typing import Any, Protocol
 
 from .config import Config, PersonaConfig
 from .errors import RequestError, UnknownPersonaError
-from .guard import GuardConfig, Relevance, Verdict, check_input, check_output, content_words
+from .guard import AnswerGate, GuardConfig, Relevance, Verdict, check_input, check_output
 from .knowledge import Choice, Retriever, answer_from_row, choose, sources_of
 from .messages import ErrorInfo, Generation, Message, Passage, Reply, Request, Sampling, Usage, error_reply
 from .personas import build_messages
@@ -249,126 +248,31 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
               on_text: Callable[[str], None] | None, cancel: threading.Event | None, deadline: float | None,
               progress: Callable[[], None] | None, relevance: Relevance | None = None,
               ) -> tuple[Generation, Verdict | None]:
-    """Run the engine; the output checks see the answer before any of it is passed on.
-
-    The rules (role markers, blocked subjects, the system prompt) run on every piece. Where the persona's relevance
-    layer checks answers, each sentence is held back until it is complete and judged on topic: an answer that
-    drifts off topic is stopped before its first off-topic sentence leaves.
-    """
+    """Run the engine; the output check (``AnswerGate``) sees the answer before any of it is passed on, and stops
+    the generation when it refuses."""
     if deadline is None:
         deadline = time.monotonic() + rt.config.limits.request_timeout_s
     stop = threading.Event()
-    seen: list[str] = []
-    refused: list[Verdict] = []
-    checks_answers = relevance is not None and relevance.checks_answers
-    context = content_words(" ".join(p.text for p in passages)) if passages else frozenset()
-    held = ""  # the answer's text not yet judged
-    judged: list[str] = []  # the sentences judged on topic
-    unsure = ""  # judged text held back: its last sentence passed only read with its neighbour
-    waiting = 0  # sentence ends in ``held`` when its last sentence began to wait for the one after it
-
-    def release(text: str, final: bool = False, cut_short: bool = False) -> bool | None:
-        """Judge the sentences in ``text``, alone and together, and pass them on: True once judged on topic,
-        False once one is refused, None when its last sentence is off topic as it stands but the sentence after
-        it may still let it through (``Relevance.waits``): ``text`` is judged again once that one is complete.
-        Text whose last sentence passed only read with a neighbour is passed on once a sentence on topic by
-        itself follows, or the answer ends: an answer that drifts off topic is stopped before its first doubtful
-        sentence leaves. ``final``: the answer has ended.
-        ``cut_short``: it ended where ``max_tokens`` stopped it, and its last, unfinished sentence is judged with
-        what was judged before it when it is short (a few words alone say little)."""
-        nonlocal unsure
-        pieces = [x.strip() for x in SENTENCE_END.split(text) if x.strip()]
-        sure = True  # whether the last sentence is on topic by itself
-        if checks_answers and relevance is not None:
-            sentences = list(pieces)
-            if cut_short and sentences and len(sentences[-1].split()) < FIRST_WORDS:
-                sentences[-1] = " ".join([*(judged + sentences[:-1])[-2:], sentences[-1]])
-            for i, (unit, before) in enumerate(zip(sentences, read_after(judged, sentences), strict=True)):
-                if relevance.check_answer(unit, context).allowed:
-                    sure = True
-                    continue
-                after = sentences[i + 1] if i + 1 < len(sentences) else ""
-                verdict = relevance.check_answer(unit, context, before, after)
-                if not verdict.allowed:
-                    if not after and not final and relevance.waits(verdict, opening=not before):
-                        return None
-                    refused.append(verdict)
-                    stop.set()
-                    return False
-                sure = False
-            if len(sentences) > 1:
-                verdict = relevance.check_answer(" ".join(sentences), context)
-                if not verdict.allowed:
-                    refused.append(verdict)
-                    stop.set()
-                    return False
-        judged.extend(pieces)
-        unsure += text
-        if (sure or final) and unsure:
-            if on_text is not None:
-                on_text(unsure)
-            unsure = ""
-        return True
+    gate = AnswerGate(persona.guard, persona.system_prompt, relevance, [p.text for p in passages])
 
     def watch(piece: str) -> None:
-        nonlocal held, waiting
         if progress is not None:
             progress()
-        seen.append(piece)
-        out = check_output("".join(seen), persona.guard, persona.system_prompt)
-        if not out.allowed:
-            refused.append(out)
+        released = gate.feed(piece)
+        if gate.refused is not None:
             stop.set()
             return
-        if checks_answers:
-            held += piece
-            ends = list(SENTENCE_END.finditer(held))
-            # The first release waits for FIRST_WORDS words: one short line says too little about its topic. A
-            # sentence the next one decides waits for it (a further sentence end).
-            if (ends and (judged or len(held[: ends[-1].end()].split()) >= FIRST_WORDS)
-                    and len(ends) > waiting):
-                cut = ends[-1].end()
-                done = release(held[:cut])
-                if done is False:
-                    return
-                waiting = len(ends) if done is None else 0
-                if done:
-                    held = held[cut:]
-        elif on_text is not None:
-            on_text(piece)
+        if released and on_text is not None:
+            on_text(released)
         if cancel is not None and cancel.is_set():
             stop.set()
 
     messages = build_messages(persona, request.text, passages)
     gen = rt.engine.generate(messages, sampling, watch, stop, deadline)
-    if not refused and (held or unsure):
-        release(held, final=True, cut_short=gen.finish_reason == "length")
-    return gen, (refused[0] if refused else None)
-
-
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
-"""Where a held-back answer is cut into sentences to be judged."""
-FIRST_WORDS = 12
-"""Words an answer holds back before its first sentences are judged and streamed."""
-LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]\s|\d{1,3}[.)](?:\s|$))")
-"""A line of a list: a bullet, or a number and a dot or parenthesis."""
-
-
-def read_after(before: list[str], sentences: list[str]) -> list[str]:
-    """For each of ``sentences`` (``before`` came earlier in the answer), the sentence it is read after when it
-    is judged with its context: the one before it, or for an item of a list the list's heading ("Weekly checks:")
-    that the item continues; ``""`` for the answer's first sentence."""
-    seq = [*before, *sentences]
-    out = []
-    for i in range(len(before), len(seq)):
-        j = i - 1
-        if LIST_ITEM.match(seq[i]):
-            while j >= 0 and LIST_ITEM.match(seq[j]):
-                j -= 1
-            if j < 0 or not seq[j].rstrip().endswith(":"):
-                j = i - 1
-        out.append(seq[j] if j >= 0 else "")
-    return out
+    rest = gate.finish(cut_short=gen.finish_reason == "length")
+    if rest and on_text is not None:
+        on_text(rest)
+    return gen, gate.refused
 
 
 def _refuse(request: Request, persona: str, guard: GuardConfig, verdict: Verdict) -> Reply:

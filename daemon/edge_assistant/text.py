@@ -5,7 +5,9 @@
   and a word of a document match here exactly when they match in the index;
 - ``STOPWORDS`` is the Snowball project's English stop-word list (function words: articles, pronouns,
   auxiliaries, prepositions, conjunctions), kept as published: no word is added for a particular question;
-- ``sentences`` splits a line of running text at sentence ends, not after common abbreviations or a list number.
+- ``sentences`` splits a line of running text at sentence ends, not after common abbreviations or a list number;
+- ``stream_sentences`` cuts text that is still arriving (an answer as it streams, for the answer gate) where a cut
+  needs nothing that comes after it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ the index (at an apostrophe too: ``coolant's`` is ``coolant`` and ``s``)."""
 LIST_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+")
 """A numbered (``1.``, ``2)``) or bulleted (``-``, ``*``, ``•``) list item."""
 SENTENCE_BREAK = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])\s+(?=[\"'(\[A-Z0-9])|(?<=[\u3002\uff01\uff1f])")
+STREAM_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
+"""Where text still arriving is cut into sentences: white space after ``.``, ``!`` or ``?``, and line breaks. Unlike
+``sentences`` it cuts after an abbreviation or a list number too (``1.`` is a piece of its own): it needs nothing that
+follows the break, so a cut stays where it is as more text comes."""
+LIST_PIECE = re.compile(r"^\s*(?:[-*\u2022]\s|\d{1,3}[.)](?:\s|$))")
+"""A piece of ``stream_sentences`` that is a line of a list: a bullet and its text, or a list number with its text or
+alone (``STREAM_BREAK`` cuts after ``1.``)."""
 ABBREVIATIONS = frozenset(["no", "nr", "e.g", "i.e", "approx", "fig", "ca", "max", "min", "vs", "etc", "incl", "ref",
                            "mr", "mrs", "dr", "st", "cf", "pp", "vol"])
 """Abbreviations that end in a full stop without ending the sentence."""
@@ -73,3 +82,8 @@ def sentences(line: str) -> list[str]:
         else:
             pieces.append(piece)
     return pieces
+
+
+def stream_sentences(text: str) -> list[str]:
+    """``text`` cut at ``STREAM_BREAK``: its sentences, stripped, none empty."""
+    return [x.strip() for x in STREAM_BREAK.split(text) if x.strip()]

@@ -7,10 +7,14 @@ Each layer returns a ``Verdict``; the first refusal wins and names its layer and
   blocked subjects and stretches of the system prompt.
 - ``relevance``: whether a request, or a sentence of an answer, belongs to the persona's domain, by the nearest of
   its on-topic and off-topic examples in an embedding space (or a yes/no question to the loaded model).
+- ``answer_gate``: the output check as an answer streams (``AnswerGate``): fed piece by piece, it releases only what
+  passed the rules and, sentence by sentence, the relevance layer.
 
-Imports run one way: ``relevance`` uses ``rules``, never the reverse.
+Imports run one way: ``answer_gate`` uses ``relevance`` and ``rules``, ``relevance`` uses ``rules``, never the
+reverse.
 """
 
+from .answer_gate import AnswerGate
 from .relevance import (
     MARGINS,
     Chooser,
@@ -57,6 +61,7 @@ __all__ = [
     "OTHER_LANGUAGES",
     "ROLE_MARKERS",
     "TASK_JOINS",
+    "AnswerGate",
     "Chooser",
     "Embedder",
     "GuardConfig",
