@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_assistant import relevance_model as rm
-from edge_assistant.relevance_model import Classifier, CorpusError, Example
+from edge_assistant.guard import classifier as rm
+from edge_assistant.guard.classifier import Classifier, CorpusError, Example
 
 from fakes import WordEmbedder
 
@@ -119,7 +119,7 @@ def test_build_trains_once_and_loads_the_same_classifier_after(tmp_path: Path) -
     emb = WordEmbedder()
     first = rm.build(emb, examples(), None, tmp_path)
     assert len(emb.embedded) == len(examples()) + 1  # the examples and the identity probe
-    assert len(list(tmp_path.glob("relevance.*.npz"))) == 1
+    assert len(list(tmp_path.glob(".relevance.*.npz"))) == 1
     emb.embedded.clear()
     again = rm.build(emb, examples(), None, tmp_path)
     assert emb.embedded == [rm.IDENTITY_PROBE]  # a cache hit embeds nothing else
@@ -141,13 +141,13 @@ def test_build_trains_again_when_an_input_changes(tmp_path: Path, change: str) -
     emb.embedded.clear()
     rm.build(emb, ex, docs, tmp_path)
     assert len(emb.embedded) == len(ex) + 1  # trained again
-    assert len(list(tmp_path.glob("relevance.*.npz"))) == 2
+    assert len(list(tmp_path.glob(".relevance.*.npz"))) == 2
 
 
 def test_a_damaged_cache_file_is_trained_again(tmp_path: Path) -> None:
     emb = WordEmbedder()
     first = rm.build(emb, examples(), None, tmp_path)
-    (path,) = tmp_path.glob("relevance.*.npz")
+    (path,) = tmp_path.glob(".relevance.*.npz")
     path.write_bytes(b"not an npz file")
     emb.embedded.clear()
     again = rm.build(emb, examples(), None, tmp_path)

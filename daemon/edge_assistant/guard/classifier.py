@@ -2,7 +2,7 @@
 
 What it learns from, all of it labelled on topic or off topic:
 
-- the corpus kept beside this module (``relevance_corpus/*.jsonl``): questions of a machining plant's domain in
+- the corpus kept beside this module (``corpus/*.jsonl``): questions of a machining plant's domain in
   operators' own words, including the words that attackers also use ("from now on", "new instructions", names,
   "password"); everyday, general-knowledge, creative and coding requests, some of them dressed up as being about the
   machines; attempts to override the assistant's rules or to get the text it was started with, in several languages;
@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 log = logging.getLogger(__name__)
 
-CORPUS = Path(__file__).with_name("relevance_corpus")
+CORPUS = Path(__file__).with_name("corpus")
 """The labelled training corpus shipped with the package (JSONL rows: ``text``, ``label``, ``kind``, ``source``)."""
 L2 = 1.0
 """The penalty on the squared weights (the bias is not penalised); set before measuring, not tuned."""
@@ -72,7 +72,7 @@ class Example:
     kind: str = ""
     """What sort of text it is (``alarms``, ``cooking``, ``extraction``): for reading the corpus, not for training."""
     source: str = ""
-    """Where it comes from (``written`` or the public collection and row), see ``relevance_corpus/SOURCE.md``."""
+    """Where it comes from (``written`` or the public collection and row), see ``corpus/SOURCE.md``."""
 
 
 def read_corpus(directory: Path = CORPUS) -> list[Example]:
@@ -287,7 +287,7 @@ def build(embedder: Embedder, examples: Sequence[Example], documents: npt.NDArra
     t0 = time.monotonic()
     docs = document_sample(documents)
     digest = inputs_digest(examples, docs, embedder_identity(embedder))
-    path = cache_dir / f"relevance.{digest[:24]}.npz" if cache_dir is not None else None
+    path = cache_dir / f".relevance.{digest[:24]}.npz" if cache_dir is not None else None
     cached = Classifier.load(path, digest) if path is not None else None
     if cached is not None:
         log.info("relevance classifier%s loaded from %s (%d rows)", label, path, cached.rows)
