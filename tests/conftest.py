@@ -23,7 +23,9 @@ from edge_assistant.config import Config, load_config
 from edge_assistant.engine import Engine
 from edge_assistant.pipeline import Runtime
 from edge_assistant.scheduler import Scheduler
+from edge_assistant.tomlconf import merge
 
+from fakes import MODEL_ANSWERS
 from mqttkit import Broker, Client, DaemonProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,7 +288,8 @@ def model_dir_with(tmp_path: Path, quantized: dict[str, Path]):  # type: ignore[
 
 @pytest.fixture(scope="session")
 def config(model_path: Path) -> Config:
-    return load_config(None, {"model": {"dir": str(model_path.parent)}, "mqtt": {"enabled": False}})
+    return load_config(None, merge(MODEL_ANSWERS, {"model": {"dir": str(model_path.parent)},
+                                                   "mqtt": {"enabled": False}}))
 
 
 @pytest.fixture(scope="session")

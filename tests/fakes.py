@@ -17,6 +17,7 @@ import numpy.typing as npt
 from edge_assistant.config import Config, load_config
 from edge_assistant.messages import Generation, Message, Sampling
 from edge_assistant.pipeline import Runtime
+from edge_assistant.tomlconf import merge
 
 
 class FakeEngine:
@@ -63,9 +64,14 @@ class FakeEngine:
         self.closed = True
 
 
+MODEL_ANSWERS: dict[str, Any] = {"personas": {"factory": {"knowledge": {"fallback": "model"}}}}
+"""The factory persona answers from the model alone when no documents are configured: the tests of generation,
+scheduling and transport run without documents (by default it refuses with ``no_documents``)."""
+
+
 def fake_config(**extra: Any) -> Config:
-    """The bundled defaults, no broker, no relevance examples to embed."""
-    return load_config(None, {"mqtt": {"enabled": False}, **extra})
+    """The bundled defaults, no broker, no relevance examples to embed, model answers without documents."""
+    return load_config(None, merge(merge(MODEL_ANSWERS, {"mqtt": {"enabled": False}}), extra))
 
 
 def fake_runtime(engine: FakeEngine | None = None, config: Config | None = None) -> Runtime:

@@ -87,7 +87,11 @@ class Broker:
             self.proc = None
 
 
-def write_config(path: Path, broker: Broker, device: str = "dev1", extra: str = "") -> Path:
+def write_config(path: Path, broker: Broker, device: str = "dev1", extra: str = "", model_answers: bool = True) -> Path:
+    """A daemon's config on ``broker``. ``model_answers``: the factory persona answers from the model alone where no
+    document covers a question (``fallback = "model"``), as the tests of generation and transport expect; without it
+    the persona refuses (``not_in_documents``, or ``no_documents`` when none are configured)."""
+    fallback = '\n[personas.factory.knowledge]\nfallback = "model"\n' if model_answers else ""
     model_dir = os.environ.get("EDGE_ASSISTANT_MODEL_DIR", str(ROOT / "models"))
     (path.parent / "daemon.pw").write_text(USERS["daemon"] + "\n")
     path.write_text(f"""device_id = "{device}"
@@ -101,8 +105,7 @@ username = "daemon"
 password_file = "{path.parent / 'daemon.pw'}"
 client_id = "edge-assistant-{device}"
 health_interval_s = 1.0
-{extra}
-""")
+{extra}{fallback}""")
     return path
 
 
@@ -272,9 +275,10 @@ def started_with_client(broker: Broker, tmp_path: Path, watcher: Client, device:
     return DaemonProcess(cfg).start(wait_online=watcher, device=device), client
 
 
-def module_daemon(broker: Broker, tmp_path_factory: Any, device: str, extra: str) -> Iterator[DaemonProcess]:
+def module_daemon(broker: Broker, tmp_path_factory: Any, device: str, extra: str,
+                  model_answers: bool = True) -> Iterator[DaemonProcess]:
     """A daemon that serves a whole test module, started once it says it is online (a fixture's body)."""
-    cfg = write_config(tmp_path_factory.mktemp(device) / "config.toml", broker, device, extra)
+    cfg = write_config(tmp_path_factory.mktemp(device) / "config.toml", broker, device, extra, model_answers)
     w = Client(broker)
     w.subscribe(f"edge/{device}/status")
     d = DaemonProcess(cfg).start(wait_online=w, device=device)

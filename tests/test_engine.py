@@ -22,8 +22,10 @@ from edge_assistant.engine import Engine, LlamaEmbedder
 from edge_assistant.messages import Request, Sampling
 from edge_assistant.pipeline import handle
 from edge_assistant.scheduler import Scheduler
+from edge_assistant.tomlconf import merge
 
 from conftest import ROOT
+from fakes import MODEL_ANSWERS
 
 Q = "Spindle 3 shows alarm 1012, coolant pressure low. What should I check first?"
 LONG = "Describe, step by step and in detail, the weekly maintenance of a CNC lathe and its coolant system."
@@ -68,9 +70,12 @@ def test_sampled_request_repeats_with_fixed_seed(scheduler: Scheduler) -> None:
     assert a.provenance["sampling"]["temperature"] == 0.3
 
 
-def test_same_bytes_across_processes(scheduler: Scheduler, config: Config) -> None:
+def test_same_bytes_across_processes(scheduler: Scheduler, config: Config, tmp_path: Path) -> None:
     here = scheduler.ask(Request(text=Q, max_tokens=48))
-    env = {**os.environ, "EDGE_ASSISTANT_MODEL_DIR": str(config.model.directory())}
+    model_answers = tmp_path / "config.toml"
+    model_answers.write_text('[personas.factory.knowledge]\nfallback = "model"\n')
+    env = {**os.environ, "EDGE_ASSISTANT_MODEL_DIR": str(config.model.directory()),
+           "EDGE_ASSISTANT_CONFIG": str(model_answers)}
     outs = []
     for _ in range(2):
         proc = subprocess.run([sys.executable, "-m", "edge_assistant.cli", "generate", "--json", "--max-tokens",
@@ -145,8 +150,9 @@ def test_request_faults_are_replies(scheduler: Scheduler) -> None:
 
 
 def test_context_overflow_is_refused_before_generating(model_path) -> None:  # type: ignore[no-untyped-def]
-    config = load_config(None, {"model": {"dir": str(model_path.parent)}, "profile": {"n_ctx": 256},
-                                "personas": {"factory": {"max_input_chars": 100000}}})
+    config = load_config(None, merge(MODEL_ANSWERS, {"model": {"dir": str(model_path.parent)},
+                                                     "profile": {"n_ctx": 256},
+                                                     "personas": {"factory": {"max_input_chars": 100000}}}))
     plan = app.plan(config)
     assert plan.choice.n_ctx == 256
     runtime = app.load(config, plan)
@@ -262,7 +268,7 @@ def test_a_reload_never_computes_beside_a_generation(monkeypatch: pytest.MonkeyP
     governor = ThreadGovernor(2, 2, 0)
     engine = Engine(FakeLlama(trace), cast(Any, choice), cast(Any, settings), "0" * 64, governor)
     embedder = LlamaEmbedder(FakeLlama(trace), None, governor, engine.run)
-    config = load_config(None, {"mqtt": {"enabled": False}})
+    config = load_config(None, merge(MODEL_ANSWERS, {"mqtt": {"enabled": False}}))
     plan = cast(Any, SimpleNamespace(choice=choice, settings=settings))
     done: dict[str, Any] = {}
 

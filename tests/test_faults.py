@@ -202,7 +202,8 @@ from edge_assistant import app
 from edge_assistant.config import load_config
 from edge_assistant.messages import Request
 from edge_assistant.scheduler import Scheduler
-cfg = load_config(None, {"model": {"dir": sys.argv[1]}, "mqtt": {"enabled": False}})
+cfg = load_config(None, {"model": {"dir": sys.argv[1]}, "mqtt": {"enabled": False},
+                         "personas": {"factory": {"knowledge": {"fallback": "model"}}}})
 s = Scheduler(app.load(cfg, app.plan(cfg)))
 s.start()
 print(s.ask(Request(text="What is a collet?", max_tokens=8)).status)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from edge_assistant.cli import print_sources
-from edge_assistant.config import KnowledgeConfig
+from edge_assistant.config import KnowledgeConfig, load_config
 from edge_assistant.engine import LlamaEmbedder
 from edge_assistant.knowledge import (
     Choice,
@@ -285,6 +285,30 @@ def test_a_persona_may_answer_from_the_model_alone_when_the_documents_are_silent
     assert "Not from the plant's documents" in shown.getvalue()
     row = handle(rt, Request(text="What does alarm 1030 mean?"))
     assert row.sources and "<doc source=\"alarms.csv, row 18 (code 1030)\">" in engine.calls[-1]
+
+
+def test_the_factory_persona_with_no_documents_refuses_naming_where_they_are_configured() -> None:
+    """A 135M model alone knows nothing of the plant's machines: with no ``[knowledge] paths`` the factory persona
+    refuses every question, and says where documents are named; opting into model answers answers without sources."""
+    engine = FakeEngine()
+    rt = fake_runtime(engine, load_config(None, {"mqtt": {"enabled": False}}))  # the bundled defaults: no documents
+    reply = handle(rt, Request(text="How tight do the chuck jaw bolts go?"))
+    assert reply.status == "refused" and reply.error is not None and reply.error.code == "no_documents"
+    assert "[knowledge] paths" in reply.error.message and 'fallback = "model"' in reply.error.message
+    assert reply.text == rt.config.personas["factory"].knowledge.not_found and not engine.calls
+    opted = handle(fake_runtime(engine, fake_config()), Request(text="How tight do the chuck jaw bolts go?"))
+    assert opted.status == "ok" and opted.grounded is False and len(engine.calls) == 1
+
+
+@pytest.mark.model
+def test_generate_with_the_bundled_defaults_says_that_no_documents_are_configured(tmp_path: Path) -> None:
+    """The command line with no config: the refusal names ``[knowledge] paths`` and the exit status says it failed."""
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_ASSISTANT_CONFIG"}
+    out = subprocess.run([sys.executable, "-m", "edge_assistant.cli", "generate", "What does OEE stand for?"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env, check=False)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "no_documents" in out.stderr and "[knowledge] paths" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_kill_during_indexing_leaves_the_previous_index_usable(tmp_path: Path, docs: Path) -> None:

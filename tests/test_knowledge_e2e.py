@@ -34,7 +34,7 @@ def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def daemon(broker: Broker, docs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     index = tmp_path_factory.mktemp("index") / "index.sqlite"
     yield from module_daemon(broker, tmp_path_factory, DEVICE, f'[knowledge]\npaths = ["{docs}"]\nindex = "{index}"\n'
-                             '[[plc]]\ntopic = "plant/+/alarm"\npersona = "factory"\n')
+                             '[[plc]]\ntopic = "plant/+/alarm"\npersona = "factory"\n', model_answers=False)
 
 
 def rr(broker: Broker, text: str) -> dict[str, Any]:

@@ -14,6 +14,9 @@ from edge_assistant.config import Config, load_config
 from edge_assistant.messages import Reply, Request
 from edge_assistant.pipeline import Runtime, handle
 from edge_assistant.scheduler import Scheduler
+from edge_assistant.tomlconf import merge
+
+from fakes import MODEL_ANSWERS
 
 LONG = "Describe, step by step and in detail, the weekly maintenance of a CNC lathe and its coolant system."
 MIX = [
@@ -34,8 +37,8 @@ MIX = [
 
 @pytest.fixture(scope="module")
 def slot_config(config: Config) -> Config:
-    return load_config(None, {"model": {"dir": config.model.dir}, "mqtt": {"enabled": False},
-                              "profile": {"parallel": 4}})
+    return load_config(None, merge(MODEL_ANSWERS, {"model": {"dir": config.model.dir}, "mqtt": {"enabled": False},
+                                                   "profile": {"parallel": 4}}))
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,10 @@ from typing import Any
 import pytest
 
 from edge_assistant.structured import SchemaError, compile_schema, validate
+from edge_assistant.tomlconf import merge
 
 from conftest import ROOT
+from fakes import MODEL_ANSWERS
 
 PLC = {"type": "object", "properties": {
     "severity": {"type": "string", "enum": ["info", "warning", "critical"]},
@@ -105,7 +107,8 @@ def test_stop_sequences_end_the_answer(model_path) -> None:  # type: ignore[no-u
     assert s.feed("ND more") == ("", True)
     s = StopText(["END"])
     assert s.feed("x EN") == ("x ", False) and s.flush("") == "EN"
-    config = load_config(None, {"model": {"dir": str(model_path.parent)}, "mqtt": {"enabled": False}})
+    config = load_config(None, merge(MODEL_ANSWERS, {"model": {"dir": str(model_path.parent)},
+                                                     "mqtt": {"enabled": False}}))
     runtime = app.load(config, app.plan(config))
     try:
         q = Request(text="List three checks before starting the lathe, one per line.", max_tokens=120)
@@ -113,8 +116,9 @@ def test_stop_sequences_end_the_answer(model_path) -> None:  # type: ignore[no-u
         words = free.text.split()
         assert len(words) > 6
         stop = words[4]
-        stopped_cfg = load_config(None, {"model": {"dir": str(model_path.parent)}, "mqtt": {"enabled": False},
-                                         "personas": {"factory": {"sampling": {"stop": [stop]}}}})
+        stopped_cfg = load_config(None, merge(MODEL_ANSWERS, {
+            "model": {"dir": str(model_path.parent)}, "mqtt": {"enabled": False},
+            "personas": {"factory": {"sampling": {"stop": [stop]}}}}))
         runtime2 = app.load(stopped_cfg, app.plan(stopped_cfg))
         try:
             pieces: list[str] = []

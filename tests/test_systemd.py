@@ -396,7 +396,8 @@ def test_ctypes_and_llama_cpp_tolerate_memory_deny_write_execute() -> None:
         "from edge_assistant.config import load_config\n"
         "from edge_assistant.messages import Request\n"
         "from edge_assistant.scheduler import Scheduler\n"
-        f"cfg = load_config(None, {{'model': {{'dir': {str(DEFAULT_MODEL.parent)!r}}}}})\n"
+        f"cfg = load_config(None, {{'model': {{'dir': {str(DEFAULT_MODEL.parent)!r}}}, "
+        "'personas': {'factory': {'knowledge': {'fallback': 'model'}}}})\n"
         "s = Scheduler(app.load(cfg, app.plan(cfg)))\n"
         "s.start()\n"
         "r = s.ask(Request(text='What is a collet?', max_tokens=6))\n"
@@ -470,7 +471,7 @@ from edge_assistant import app
 from edge_assistant.config import load_config
 from edge_assistant.messages import Request
 from edge_assistant.scheduler import Scheduler
-cfg = load_config(None, {"model": {"dir": sys.argv[1]}})
+cfg = load_config(None, {"model": {"dir": sys.argv[1]}, "personas": {"factory": {"knowledge": {"fallback": "model"}}}})
 s = Scheduler(app.load(cfg, app.plan(cfg)))
 s.start()
 s.ask(Request(text="What is a collet?", id="jr-1", max_tokens=5))

@@ -123,6 +123,11 @@ def open_knowledge(config: Config, embedder: LlamaEmbedder | None = None, reinde
     meaning as well as words; a chat model's hidden states are no sentence embedding, and are not used for it.
     """
     if not config.knowledge.paths:
+        waiting = sorted(name for name, p in config.personas.items()
+                         if p.knowledge.enabled and p.knowledge.fallback == "refuse")
+        if waiting:
+            log.warning("knowledge: no documents are configured ([knowledge] paths is empty): persona(s) %s answer "
+                        "only from documents and refuse every question with no_documents", ", ".join(waiting))
         return None
     sentence = embedder if embedder is not None and embedder.kind == "sentence" else None
     if sentence is None:

@@ -74,12 +74,14 @@ class PersonaKnowledge:
     """How a persona uses the plant's documents (``[personas.<name>.knowledge]``)."""
 
     enabled: bool = False
-    """Answer from the documents of ``[knowledge] paths`` (no effect while none are configured)."""
+    """Answer from the documents of ``[knowledge] paths``; while none are configured, ``fallback = "refuse"``
+    refuses every question with ``no_documents``."""
     passages: int = 3
     """How many passages go into the prompt, best first."""
     fallback: Literal["refuse", "model"] = "refuse"
-    """When nothing in the documents covers a question: ``refuse`` with ``not_found`` (``not_in_documents``), or
-    let the model answer alone (no sources)."""
+    """When nothing in the documents covers a question: ``refuse`` with ``not_found`` (``not_in_documents``, or
+    ``no_documents`` when no ``[knowledge] paths`` are configured), or let the model answer alone (no sources,
+    ``grounded: false``)."""
     row_answers: Literal["direct", "model"] = "direct"
     """When a question names a table row by its identifier (an alarm code): answer with the row itself
     (``direct``: exact and deterministic) or let the model phrase it from the row."""

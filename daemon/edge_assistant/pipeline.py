@@ -148,8 +148,9 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
             verdict = relevance.check(request.text, covered=covered)
             if not verdict.allowed:
                 return _refuse(request, persona_name, persona.guard, verdict)
-        if (persona.knowledge.enabled and rt.knowledge is not None and not covered
-                and persona.knowledge.fallback == "refuse"):
+        if persona.knowledge.enabled and not covered and persona.knowledge.fallback == "refuse":
+            if rt.knowledge is None:
+                return _no_documents(request, persona_name, persona)
             return _not_in_documents(request, persona_name, persona, retrieval_ms)
         sampling, notes = policy(persona, config.limits, request.temperature, request.max_tokens)
         for note in notes:
@@ -282,6 +283,18 @@ def _refuse(request: Request, persona: str, guard: GuardConfig, verdict: Verdict
                                     "REFUSAL_REASON": verdict.code, "REFUSAL_LAYER": verdict.layer})
     return Reply(id=request.id, status="refused", text=guard.refusal, persona=persona,
                  error=ErrorInfo(verdict.code, f"refused by the {verdict.layer} check"))
+
+
+def _no_documents(request: Request, persona_name: str, persona: PersonaConfig) -> Reply:
+    """The persona answers only from the plant's documents, and none are configured: the reply says where they
+    are named, rather than letting a small model answer alone about a machine it knows nothing of."""
+    why = (f"persona {persona_name!r} answers from the plant's documents and none are configured: name them in "
+           f"[knowledge] paths, or set [personas.{persona_name}.knowledge] fallback = \"model\" to let the model "
+           "answer alone")
+    log.info("request %s: %s", request.id or "-", why,
+             extra={"REQUEST_ID": request.id, "PERSONA": persona_name, "REFUSAL_REASON": "no_documents"})
+    return Reply(id=request.id, status="refused", text=persona.knowledge.not_found, persona=persona_name,
+                 error=ErrorInfo("no_documents", why), usage=Usage(0, 0, "stop", 0.0, 0.0, 0.0, False, None))
 
 
 def _not_in_documents(request: Request, persona_name: str, persona: PersonaConfig,
