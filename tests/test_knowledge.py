@@ -30,7 +30,9 @@ from edge_assistant.knowledge import (
     answer_from_row,
     build_index,
     choose,
+    designations,
     identifiers_in,
+    names_a_sibling,
     read_csv,
     read_markdown,
     read_pdf,
@@ -89,6 +91,38 @@ def answered(r: Retriever, question: str) -> Choice | None:
 ])
 def test_identifiers(text: str, expected: list[str]) -> None:
     assert identifiers_in(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("the oil filter on compressor 2, what pressure?", {"compressor": {"2"}}),
+    ("Circuits 1 and 2 share pump P3.", {"circuit": {"1", "2"}, "pump": {"P3"}}),
+    ("Wait 30 minutes after 2 resets; the tank holds 300 litres.", {}),  # quantities, a function word's number
+    ("Tighten to 40 Nm.", {}),
+    ("The detector GD1 in the room gives stage 1.", {"detector": {"GD1"}, "stage": {"1"}}),  # "in": no inches
+])
+def test_numbered_things(text: str, expected: dict[str, set[str]]) -> None:
+    assert designations(text) == {k: frozenset(v) for k, v in expected.items()}
+
+
+def test_a_sibling_of_the_numbered_thing_asked_for_does_not_answer() -> None:
+    """Asked about compressor 2, the documents' sentence about compressor 1 is another thing of the same kind: the
+    unit chosen is the one about compressor 2; where there is none, the documents do not answer."""
+    c1 = Passage("manual.md", "section Compressors", "Compressors\nCompressor 1 trips above 1.5 bar.", 0.0, 1.0,
+                 "words", kind="section")
+    c2 = Passage("manual.md", "section Pumps", "Pumps\nPump 2 of compressor 2 trips above 2.5 bar.", 0.0, 1.0,
+                 "words", kind="section")
+    weights = {"compressor": 1.0, "trip": 1.0}
+    asked = designations("When does compressor 2 trip?")
+
+    def judged(*passages: Passage) -> Choice | None:
+        sims = tuple(tuple(0.9 if "Compressor 1" in u.text else 0.7 for u in units_of(p)) for p in passages)
+        return choose(Found(passages, sims, weights, frozenset(weights), designations=asked), dense=True)
+
+    both = judged(c1, c2)
+    assert both is not None and both.text == "Pump 2 of compressor 2 trips above 2.5 bar."
+    alone = judged(c1)
+    assert alone is not None and not alone.supported
+    assert not names_a_sibling(asked, "compressors 1 and 2") and names_a_sibling(asked, "compressor 1 only")
 
 
 def test_markdown_sections_keep_their_heading_path() -> None:

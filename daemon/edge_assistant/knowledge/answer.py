@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from ..messages import Passage, SourceRef
 from ..text import LIST_ITEM, stem, words
+from .identifiers import names_a_sibling, numbered_rank
 from .retrieve import Found
 from .units import Unit, row_text, section_of, units_of
 
@@ -80,28 +81,32 @@ def choose(found: Found, dense: bool, min_coverage: float = 0.5) -> Choice | Non
     total = sum(found.weights.values())
     if total <= 0 or not found.passages:
         return None
-    best: tuple[float, int, int] | None = None
-    chosen: tuple[int, Unit, list[Unit], tuple[float, ...]] | None = None
+    ranked: list[tuple[tuple[float, int, int], int, Unit, list[Unit], tuple[float, ...]]] = []
     for i, passage in enumerate(found.passages):
         units = units_of(passage)
         sims = found.similarities[i] if i < len(found.similarities) else ()
-        for unit in units:
-            key = (round(_closeness(found, sims, unit, total), 6), -i, -unit.position)
-            if best is None or key > best:
-                best, chosen = key, (i, unit, units, sims)
-    if chosen is None:
+        ranked.extend(((round(_closeness(found, sims, unit, total), 6), -i, -unit.position), i, unit, units, sims)
+                      for unit in units)
+    if not ranked:
         return None
-    i, unit, units, sims = chosen
+    ranked.sort(key=lambda r: r[0], reverse=True)
+    # The closest unit that does not speak of a sibling of the numbered thing asked for (compressor 1's alarm for a
+    # question about compressor 2); when every one does, the closest, judged unsupported.
+    answers = ((r, *_answer(r[2], r[3], _closer(found, r[4], total))) for r in ranked)
+    first = next(answers)
+    (_, i, unit, units, sims), text, context = next(
+        (a for a in itertools.chain([first], answers) if not names_a_sibling(found.designations, a[2])), first)
+    # A row named by its identifier is the answer (``answer_from_row``): the first passage, judged the same way.
+    sibling = names_a_sibling(found.designations, found.passages[0].text if found.by_identifier else context)
     similarity = sims[unit.position] if unit.position < len(sims) else 0.0
-    text, context = _answer(unit, units, lambda u: _closeness(found, sims, u, total))
     held = _stems(context)
     cover = _share(found.weights, held) / total
     foreign = _share({s: w for s, w in found.weights.items() if s in found.known}, set(found.weights) - held) / total
     score = similarity + COVER_WEIGHT * cover - FOREIGN_WEIGHT * foreign
-    if found.by_identifier:
-        supported = True
-    elif found.unknown_identifier:
+    if sibling or found.unknown_identifier:
         supported = False
+    elif found.by_identifier:
+        supported = True
     elif dense:
         supported = score >= THRESHOLD
     else:
@@ -160,9 +165,16 @@ def _join(units: Sequence[Unit]) -> str:
 
 def _closeness(found: Found, sims: tuple[float, ...], unit: Unit, total: float) -> float:
     """How close a unit is to the question: its similarity, and ``CHOICE_WORDS`` times the share of the question's
-    words it holds itself."""
+    words it holds itself, and as much again times the share of the numbered things the question names that it
+    names as asked (``stage 1``: a one-digit number is no word of its own)."""
     similarity = sims[unit.position] if unit.position < len(sims) else 0.0
-    return similarity + CHOICE_WORDS * _share(found.weights, _stems(unit.text)) / total
+    asked = len(found.designations)
+    numbered = -min(0, numbered_rank(found.designations, unit.text)) / asked if asked else 0.0
+    return similarity + CHOICE_WORDS * (_share(found.weights, _stems(unit.text)) / total + numbered)
+
+
+def _closer(found: Found, sims: tuple[float, ...], total: float) -> Callable[[Unit], float]:
+    return lambda u: _closeness(found, sims, u, total)
 
 
 def _stems(text: str) -> set[str]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from ..config import KnowledgeConfig
 from ..errors import KnowledgeError
 from ..messages import Passage
 from ..text import content_words, stem
-from .identifiers import identifiers_in, spaced_identifiers
+from .identifiers import designations, identifiers_in, numbered_rank, spaced_identifiers
 from .index import DocumentInfo, Embedder, connect, digest_of
 from .readers import PART
 
@@ -54,6 +54,8 @@ class Found:
     """The passages hold an identifier the question names."""
     unknown_identifier: bool = False
     """The question names an identifier that no document holds: the documents do not cover it."""
+    designations: dict[str, frozenset[str]] = field(default_factory=dict)
+    """The numbered things the question names (``identifiers.designations``: ``compressor 2``)."""
 
 
 class Retriever:
@@ -113,12 +115,17 @@ class Retriever:
             idents = identifiers_in(question)
             spaced = [i for i in spaced_identifiers(question) if self._holds(i)]
             by_id = self._by_identifier([*spaced, *idents]) if spaced or idents else []
+            numbered = designations(question)
             if by_id:
-                # The identifier's own passages only: a small model does best with few, relevant ones.
+                # The identifier's own passages only: a small model does best with few, relevant ones. Those that
+                # name a numbered thing as the question does come first (the detector's stage 1 row for a question
+                # about stage 1), those that speak only of its siblings last (``identifiers.numbered_rank``).
+                by_id.sort(key=lambda p: numbered_rank(numbered, p.text))
                 passages, sims = self._whole(by_id[:limit], qvec)
-                return Found(passages, sims, weights, known, by_identifier=True)
+                return Found(passages, sims, weights, known, by_identifier=True, designations=numbered)
             passages, sims = self._whole(self._fused(question, qvec, limit), qvec)
-        return Found(passages, sims, weights, known, unknown_identifier=strict_ids and bool(idents))
+        return Found(passages, sims, weights, known, unknown_identifier=strict_ids and bool(idents),
+                     designations=numbered)
 
     def search(self, question: str, limit: int = 5, strict_ids: bool = True) -> list[Passage]:
         """The best passages with their scores (``knowledge search`` shows them)."""
