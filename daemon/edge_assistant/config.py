@@ -128,6 +128,34 @@ class KnowledgeConfig:
         return Path(self.index).expanduser() if self.index else state_directory() / "knowledge.sqlite"
 
 
+@dataclass(frozen=True)
+class ConversationsConfig:
+    """Conversations (``[conversations]``): what the daemon remembers of a request's ``conversation``, and for how
+    long. Kept in the state directory, so a restarted daemon continues them."""
+
+    max_turns: int = 8
+    """Answered turns kept per conversation, the oldest dropped first (a follow-up is retrieved with the last one's
+    subject; a generated answer sees as many as fit the context)."""
+    idle_s: float = 1800.0
+    """A conversation not continued for this many seconds is forgotten."""
+    max_conversations: int = 1000
+    """Conversations kept at once; one more forgets the least recently continued."""
+    dir: str = ""
+    """Where they are kept, one file each; empty: ``conversations`` in the state directory."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_turns <= 64:
+            raise ValueError("max_turns: 1 to 64")
+        if not 0 < self.idle_s <= 30 * 86400:
+            raise ValueError("idle_s: more than 0, at most 2592000 (30 days)")
+        if not 1 <= self.max_conversations <= 1_000_000:
+            raise ValueError("max_conversations: 1 to 1000000")
+
+    def directory(self) -> Path:
+        """The directory after defaults."""
+        return Path(self.dir).expanduser() if self.dir else state_directory() / "conversations"
+
+
 APP_NAME = "edge-assistant"
 """The directory name under the XDG base directories."""
 
@@ -504,6 +532,8 @@ class Config:
     """Local voice."""
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     """The plant's documents."""
+    conversations: ConversationsConfig = field(default_factory=ConversationsConfig)
+    """What is remembered of conversations."""
 
     def __post_init__(self) -> None:
         if not self.personas:

@@ -99,6 +99,11 @@ class Request:
     text (a PLC alarm's code, tag and alarm text)."""
     format: Literal["", "text", "json"] = ""
     """``json`` asks for a reply that follows the persona's schema; empty: the persona's own format."""
+    conversation: str = ""
+    """The client's name for the conversation this request continues (1 to 64 characters); empty: the request
+    stands alone."""
+    forget: bool = False
+    """End the conversation before this request: its earlier turns are forgotten (with no text, that is all)."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,10 @@ class Reply:
     grounded: bool | None = None
     """For an answer (``ok``): true when it comes from the plant's documents (``sources`` name them), false when
     the model answered alone; None on errors and refusals."""
+    conversation: str | None = None
+    """The request's conversation, echoed; None (left out) for a request that stands alone."""
+    turn: int | None = None
+    """In a conversation: this request's number in it (1 for the first; 0 for a ``forget`` without text)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object sent to clients (empty optional fields left out; ``text`` always there)."""

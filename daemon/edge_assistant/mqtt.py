@@ -17,6 +17,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -274,8 +275,11 @@ class MqttService:
         persona = self.topics.persona_of(topic) or persona
         log.warning("bad request on %s: %s: %s", topic, exc.code, exc.message)
         if reply_topic:
-            self.client.publish(reply_topic, protocol.reply_payload(error_reply(rid, exc.code, exc.message, persona),
-                                                                    self._max_packet),
+            reply = error_reply(rid, exc.code, exc.message, persona)
+            conversation = protocol.salvage_conversation(payload, self.config.limits.max_payload_bytes)
+            if conversation:  # echoed where the request named a valid one (the fault was elsewhere)
+                reply = replace(reply, conversation=conversation)
+            self.client.publish(reply_topic, protocol.reply_payload(reply, self._max_packet),
                                 qos=1, properties=self._props(correlation))
 
     def _submit(self, inc: protocol.Incoming, mid: int, qos: int, priority: int, expires: float | None,
@@ -299,6 +303,8 @@ class MqttService:
             send_chunk(chunks.feed(piece))
 
         def deliver(reply: Reply) -> None:
+            if inc.request.conversation and reply.conversation is None:  # busy, expired, shutting_down: echoed too
+                reply = replace(reply, conversation=inc.request.conversation)
             try:
                 send_chunk(chunks.flush())  # what waited in the window goes before the final reply
                 if reply.error is not None and reply.error.code == ExpiredError.code:

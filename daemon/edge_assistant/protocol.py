@@ -2,13 +2,14 @@
 
 Requests arrive on ``<prefix>/<device>/request[/<persona>]`` (or the fleet topic). The payload is plain UTF-8
 text, or a JSON object with ``text`` and optionally ``persona``, ``id``, ``reply_to``, ``stream``,
-``max_tokens``, ``temperature``, ``format`` (``json`` for a reply that follows the persona's schema), or a JSON
-string (Node-RED). MQTT v5 clients set Response Topic and
-Correlation Data; MQTT 3.1.1 clients put ``reply_to`` and ``id`` in the JSON. A reply topic is the client's word,
-so it is checked: under the allowed prefix, and none of the topics the daemons themselves use (``Topics.reserved``).
-A UTF-8 byte-order mark before the payload is dropped; a control character other than tab, line feed and carriage
-return, in the payload or in a string field, is a bad request, and so is a sampling value out of its range
-(``RANGES``).
+``max_tokens``, ``temperature``, ``format`` (``json`` for a reply that follows the persona's schema),
+``conversation`` (the client's name for a conversation, 1 to 64 characters; the reply echoes it) and ``forget``
+(``true`` with a ``conversation``: end it; ``text`` may then be left out), or a JSON string (Node-RED). MQTT v5
+clients set Response Topic and Correlation Data; MQTT 3.1.1 clients put ``reply_to`` and ``id`` in the JSON. A
+reply topic is the client's word, so it is checked: under the allowed prefix, and none of the topics the daemons
+themselves use (``Topics.reserved``). A UTF-8 byte-order mark before the payload is dropped; a control character
+other than tab, line feed and carriage return, in the payload or in a string field, is a bad request, and so is a
+sampling value out of its range (``RANGES``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from .messages import Reply, Request, Sampling
 
 FIELDS: dict[str, type | tuple[type, ...]] = {
     "text": str, "persona": str, "id": (str, int), "reply_to": str, "stream": bool, "max_tokens": int,
-    "temperature": (int, float), "format": str}
+    "temperature": (int, float), "format": str, "conversation": str, "forget": bool}
+
+CONVERSATION_CHARS = 64
+"""The longest conversation name a client may choose (Home Assistant's conversation ids are 26-character ULIDs)."""
 
 RANGES: dict[str, tuple[int | float, int | float, str]] = {
     "max_tokens": (1, 2**31 - 1, "an integer from 1 to 2147483647"),
@@ -229,7 +233,11 @@ def decode_payload(payload: bytes, max_bytes: int) -> dict[str, Any]:
             raise BadRequestError(f"field {key!r} has the wrong type ({type(value).__name__})")
         if isinstance(value, str):
             _check_string(key, value)
-    if "text" not in data:
+    if "conversation" in data:
+        check_conversation(data["conversation"])
+    if "forget" in data and "conversation" not in data:
+        raise BadRequestError("field 'forget' needs a 'conversation': it names the conversation to end")
+    if "text" not in data and not data.get("forget"):
         raise BadRequestError("field 'text' is missing")
     for key, (low, high, allowed) in RANGES.items():
         if key in data and not low <= data[key] <= high:  # NaN and the infinities fail too
@@ -239,6 +247,15 @@ def decode_payload(payload: bytes, max_bytes: int) -> dict[str, Any]:
     if isinstance(data.get("id"), int) and not -(2**63) <= data["id"] < 2**63:
         raise BadRequestError("field 'id' is out of range")
     return data
+
+
+def check_conversation(value: str) -> str:
+    """``value`` if it can name a conversation: 1 to ``CONVERSATION_CHARS`` characters, not only white space (control
+    characters are refused with every string field); else ``BadRequestError`` naming the field."""
+    if not 1 <= len(value) <= CONVERSATION_CHARS or not value.strip():
+        raise BadRequestError(f"field 'conversation' must be 1 to {CONVERSATION_CHARS} characters, not only white "
+                              f"space (got {len(value)})")
+    return value
 
 
 def _check_string(key: str, value: str) -> None:
@@ -264,13 +281,15 @@ def parse(topics: Topics, topic: str, payload: bytes, *, max_bytes: int, allowed
     if data.get("persona") and persona and data["persona"] != persona:
         raise BadRequestError(f"persona {data['persona']!r} in the payload contradicts {persona!r} in the topic")
     request = Request(
-        text=data["text"],
+        text=str(data.get("text", "")),
         persona=persona or str(data.get("persona", "")),
         id=rid,
         max_tokens=data.get("max_tokens"),
         temperature=float(data["temperature"]) if "temperature" in data else None,
         stream=bool(data.get("stream", False)),
         format="json" if data.get("format") == "json" else "text" if data.get("format") == "text" else "",
+        conversation=str(data.get("conversation", "")),
+        forget=bool(data.get("forget", False)),
     )
     return Incoming(request, reply_topic, correlation, request_key(reply_topic, correlation, rid, payload))
 
@@ -311,6 +330,24 @@ def salvage(payload: bytes, max_bytes: int) -> tuple[str, str, str]:
     return out[0], out[1], out[2]
 
 
+def salvage_conversation(payload: bytes, max_bytes: int) -> str:
+    """The conversation a refused request names, where its JSON still says one that is valid; else ``""``."""
+    if len(payload) > max_bytes:
+        return ""
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return ""
+    value = data.get("conversation") if isinstance(data, dict) else None
+    if not isinstance(value, str):
+        return ""
+    try:
+        _check_string("conversation", value)
+        return check_conversation(value)
+    except BadRequestError:
+        return ""
+
+
 def correlation_text(correlation: bytes) -> str:
     """Correlation data as an id: its text when it is UTF-8, else its hex."""
     try:
@@ -337,6 +374,8 @@ def reply_payload(reply: Reply, max_bytes: int, seq: int | None = None) -> bytes
     if len(raw) > max_bytes:  # provenance and usage alone are too big: keep the essentials
         body = {"id": reply.id, "status": reply.status, "text": body["text"][:200], "truncated": True,
                 "done": True}
+        if reply.conversation is not None:
+            body["conversation"], body["turn"] = reply.conversation, reply.turn
         raw = _encode(body)
     return raw
 
@@ -387,6 +426,8 @@ def answer_payload(reply: Reply, max_bytes: int) -> bytes:
                             "sources": [asdict(s) for s in reply.sources]}
     if reply.data is not None:
         body["data"] = reply.data
+    if reply.conversation is not None:
+        body["conversation"], body["turn"] = reply.conversation, reply.turn
     raw = _encode(body)
     if len(raw) > max_bytes:
         body["text"] = text[: max_bytes // 4]
