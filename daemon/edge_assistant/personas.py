@@ -1,4 +1,5 @@
-"""Prompt assembly: a persona's system prompt and examples, then the user's text, each in its own role.
+"""Prompt assembly: a persona's system prompt and examples, a conversation's earlier turns, then the user's text, each
+in its own role.
 
 User text never joins the system prompt, and chat-template markers in it are broken so that they tokenize as
 text, never as the special tokens that open a new turn. In ``translate`` mode the text is quoted as data between
@@ -61,12 +62,20 @@ def _attribute(text: str) -> str:
     return html.escape(neutralize_markers(" ".join(text.split())), quote=True)
 
 
-def build_messages(persona: PersonaConfig, text: str, passages: Sequence[Passage] = ()) -> list[Message]:
-    """System prompt, few-shot examples, then the user's text (with the documents' passages): roles kept apart."""
+def build_messages(persona: PersonaConfig, text: str, passages: Sequence[Passage] = (),
+                   history: Sequence[tuple[str, str]] = ()) -> list[Message]:
+    """System prompt, few-shot examples, the conversation's earlier turns (``history``: question and answer, oldest
+    first), then the user's text (with the documents' passages): roles kept apart.
+
+    An earlier turn is its question as the user said it (without the passages it was answered from: the answer
+    holds what was taken from them) and its answer, each with any chat-template marker broken."""
     messages: list[Message] = [{"role": "system", "content": persona.system_prompt}]
     for ex in persona.examples:
         messages.append({"role": "user", "content": user_content(persona, ex.user)})
         messages.append({"role": "assistant", "content": ex.assistant})
+    for question, answer in history:
+        messages.append({"role": "user", "content": user_content(persona, neutralize_markers(question))})
+        messages.append({"role": "assistant", "content": neutralize_markers(answer)})
     clean = neutralize_markers(text)
     content = documents_content(passages, clean) if passages else user_content(persona, clean)
     messages.append({"role": "user", "content": content})

@@ -16,10 +16,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
+from . import followup
 from .config import Config, PersonaConfig
+from .conversations import Context, Conversations, Turn
 from .errors import RequestError, UnknownPersonaError
 from .guard import AnswerGate, GuardConfig, Relevance, Verdict, check_input, check_output
-from .knowledge import Choice, Retriever, answer_from_row, choose, sources_of
+from .knowledge import Choice, Found, Retriever, answer_from_row, choose, identifiers_in, sources_of
 from .messages import ErrorInfo, Generation, Message, Passage, Reply, Request, Sampling, Usage, error_reply
 from .personas import build_messages
 from .sampling import policy
@@ -108,13 +110,83 @@ class Runtime:
         return out
 
 
+@dataclass
+class _Notes:
+    """What a request in a conversation leaves for its turn to be remembered by (filled in by ``_answer``)."""
+
+    plan: followup.Plan | None = None
+    """How the documents were searched."""
+    cited: list[Passage] = field(default_factory=list)
+    """The passages the answer cites, the one it was taken from first."""
+    history_turns: int | None = None
+    """Earlier turns given to the model (after the context budget), where it generated."""
+    leaned: bool = False
+    """The topic check allowed it only with the question before it: it continues that subject."""
+
+
 def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None = None,
            cancel: threading.Event | None = None, deadline: float | None = None,
-           progress: Callable[[], None] | None = None) -> Reply:
+           progress: Callable[[], None] | None = None, conversations: Conversations | None = None) -> Reply:
     """Answer ``request`` with ``rt``; ``on_text`` gets each piece of the answer that passed the output check.
 
-    ``progress`` is called whenever generation moves (the watchdog's measure of a live request).
+    ``progress`` is called whenever generation moves (the watchdog's measure of a live request). A request naming a
+    ``conversation`` continues it in ``conversations`` (the scheduler's; a throwaway one when None); one without
+    goes the same way it always did, and its reply has the same bytes.
     """
+    if not request.conversation:
+        return _answer(rt, request, on_text, cancel, deadline, progress)
+    memory = conversations if conversations is not None else Conversations(rt.config.conversations)
+    return _continue(rt, request, memory, on_text, cancel, deadline, progress)
+
+
+def _continue(rt: Runtime, request: Request, memory: Conversations, on_text: Callable[[str], None] | None,
+              cancel: threading.Event | None, deadline: float | None, progress: Callable[[], None] | None) -> Reply:
+    """A request in a conversation: forget it first where asked, answer with its earlier turns, remember the turn.
+
+    The turn is written down before the reply leaves, so a daemon killed after replying continues from it."""
+    name = request.conversation
+    persona_name = request.persona or rt.config.default_persona
+    if request.forget:
+        known = memory.forget(name)
+        log.info("request %s: conversation forgotten%s", request.id or "-", "" if known else " (it was not kept)",
+                 extra={"REQUEST_ID": request.id, "CONVERSATION": name})
+        if not request.text.strip():
+            return Reply(id=request.id, status="ok", text="", persona=persona_name, conversation=name, turn=0)
+    ctx = memory.begin(name)
+    notes = _Notes()
+    reply = _answer(rt, request, on_text, cancel, deadline, progress, ctx, notes)
+    memory.finish(name, _turn_of(request, reply, ctx, notes) if reply.status == "ok" else None)
+    provenance = reply.provenance
+    if provenance:
+        provenance = {**provenance, "conversation_sha256": ctx.digest}
+        if notes.plan is not None and notes.plan.carried:
+            provenance["follow_up"] = {"carried": list(notes.plan.carried), "why": notes.plan.why}
+        if notes.history_turns:
+            provenance["history_turns"] = notes.history_turns
+    return replace(reply, conversation=name, turn=ctx.turn, provenance=provenance)
+
+
+def _turn_of(request: Request, reply: Reply, ctx: Context, notes: _Notes) -> Turn:
+    """The answered turn as it is remembered: what it was about is the last turn's subject when it continued it,
+    else what its own question named (``followup.subject_of``)."""
+    plan = notes.plan
+    previous = ctx.previous
+    sources = tuple((s.document, s.location) for s in reply.sources)
+    if previous is not None and ((plan is not None and plan.carried) or notes.leaned):
+        return Turn(request.text, reply.text, sources, previous.identifiers, previous.terms,
+                    previous.subject_question)
+    if plan is not None:
+        idents, terms = followup.subject_of(plan.query, plan.found, notes.cited)
+    else:  # no documents: only its identifiers say what it was about
+        idents, terms = tuple(identifiers_in(request.text)), ()
+    return Turn(request.text, reply.text, sources, idents, terms)
+
+
+def _answer(rt: Runtime, request: Request, on_text: Callable[[str], None] | None = None,
+            cancel: threading.Event | None = None, deadline: float | None = None,
+            progress: Callable[[], None] | None = None, ctx: Context | None = None,
+            notes: _Notes | None = None) -> Reply:
+    """The request answered; with ``ctx``, as a turn of a conversation (``notes`` gets what its turn needs)."""
     config = rt.config
     persona_name = request.persona or config.default_persona
     persona = config.personas.get(persona_name)
@@ -135,25 +207,41 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
         retrieval_ms: float | None = None
         # A PLC alarm is looked up by its fields (code, tag, alarm text), not by the prompt built around them.
         query = " ".join(request.lookup) if request.quoted and request.lookup else request.text
+        plan: followup.Plan | None = None
         if persona.knowledge.enabled and rt.knowledge is not None:
             t0 = time.monotonic()
-            found = rt.knowledge.find(query, limit=persona.knowledge.passages, strict_ids=not request.quoted)
-            choice = choose(found, rt.knowledge.dense, rt.knowledge.min_coverage)
+            retriever = rt.knowledge
+            if ctx is not None and not request.quoted:  # a follow-up may be retrieved with the last turn's subject
+
+                def look(text: str) -> tuple[Found, Choice | None]:
+                    f = retriever.find(text, limit=persona.knowledge.passages)
+                    return f, choose(f, retriever.dense, retriever.min_coverage)
+
+                plan = followup.plan(query, ctx.previous, look)
+                found, choice = plan.found, plan.choice
+                log.info("request %s: %s", request.id or "-", plan.why, extra={"REQUEST_ID": request.id})
+            else:
+                found = retriever.find(query, limit=persona.knowledge.passages, strict_ids=not request.quoted)
+                choice = choose(found, retriever.dense, retriever.min_coverage)
             if choice is not None and choice.supported:
                 passages = list(found.passages)
             retrieval_ms = round((time.monotonic() - t0) * 1000, 2)
+        if notes is not None:
+            notes.plan = plan
         covered = bool(passages)  # the documents widen the domain: what they cover is on topic
         relevance = rt.relevance.get(persona_name) if not request.quoted else None
         if relevance is not None:  # a task joined to a covered one is still judged
-            verdict = relevance.check(request.text, covered=covered)
+            verdict, leaned = _relevant(relevance, request.text, covered, ctx, plan)
+            if notes is not None:
+                notes.leaned = leaned
             if not verdict.allowed:
                 return _refuse(request, persona_name, persona.guard, verdict)
         if persona.knowledge.enabled and not covered and persona.knowledge.fallback == "refuse":
             if rt.knowledge is None:
                 return _no_documents(request, persona_name, persona)
             return _not_in_documents(request, persona_name, persona, retrieval_ms)
-        sampling, notes = policy(persona, config.limits, request.temperature, request.max_tokens)
-        for note in notes:
+        sampling, policy_notes = policy(persona, config.limits, request.temperature, request.max_tokens)
+        for note in policy_notes:
             log.info("request %s: %s", request.id or "-", note)
         as_json = request.format == "json" or (not request.format and persona.format == "json")
         if as_json:
@@ -175,12 +263,17 @@ def handle(rt: Runtime, request: Request, on_text: Callable[[str], None] | None 
                 return _refuse(request, persona_name, persona.guard, out_verdict)
             if on_text is not None:
                 on_text(text)
+            if notes is not None:
+                notes.cited = cited
             usage = Usage(0, 0, "stop", 0.0, 0.0, 0.0, False, retrieval_ms)
             return Reply(id=request.id, status="ok", text=text, persona=persona_name, usage=usage,
                          sources=sources_of(cited, quoted=text),
                          provenance={**rt.provenance(sampling), "answer": how}, grounded=True)
+        history = [(t.question, t.answer) for t in ctx.history] if ctx is not None else []
         gen, refused = _generate(rt, persona, request, passages, sampling, on_text, cancel, deadline, progress,
-                                 relevance)
+                                 relevance, history, notes)
+        if notes is not None:
+            notes.cited = passages
     except RequestError as exc:
         log.info("request %s refused with %s: %s", request.id or "-", exc.code, exc.message,
                  extra={"REQUEST_ID": request.id, "PERSONA": persona_name, "ERROR_CODE": exc.code})
@@ -245,12 +338,51 @@ def _direct_answer(persona: PersonaConfig, passages: list[Passage], choice: Choi
     return None
 
 
+def _relevant(relevance: Relevance, text: str, covered: bool, ctx: Context | None,
+              plan: followup.Plan | None) -> tuple[Verdict, bool]:
+    """The relevance check of a request; in a conversation, with its context where the question leans on it. Also
+    whether the verdict took the context (the question continues that subject).
+
+    The context is the question that named the subject of the last answered turn ("What does alarm 2014 mean?",
+    also after "How do I clear it?"), put before this one. A question whose subject was carried from the last turn
+    is judged in that context, as a whole (the documents covered the carried subject, not necessarily what this
+    question asks: "Write me a poem" after an alarm question is still refused). Any other follow-up is judged as a
+    request alone, and a refusal there once more in context ("Is it dangerous?" after an alarm question). A refused
+    turn is never a context, so it leaves later turns as they were."""
+    previous = ctx.previous if ctx is not None else None
+    if previous is None:
+        return relevance.check(text, covered=covered), False
+    in_context = f"{previous.subject_question} {text}"
+    if plan is not None and plan.carried:
+        return relevance.check(in_context, covered=False), True
+    verdict = relevance.check(text, covered=covered)
+    if verdict.allowed or covered:
+        return verdict, False
+    again = relevance.check(in_context, covered=False)
+    return (again, True) if again.allowed else (verdict, False)
+
+
+def _fits(engine: Generator, messages: list[Message], max_tokens: int) -> bool:
+    """Whether ``messages`` leave room for ``max_tokens`` in the engine's context (True where the engine cannot
+    say: it still refuses a prompt that overflows)."""
+    n_ctx = getattr(engine, "n_ctx", None)
+    render = getattr(engine, "render", None)
+    tokenize = getattr(engine, "tokenize", None)
+    if not isinstance(n_ctx, int) or render is None or tokenize is None:
+        return True
+    return len(tokenize(render(messages))) + max_tokens <= n_ctx
+
+
 def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: list[Passage], sampling: Sampling,
               on_text: Callable[[str], None] | None, cancel: threading.Event | None, deadline: float | None,
               progress: Callable[[], None] | None, relevance: Relevance | None = None,
+              history: list[tuple[str, str]] | None = None, notes: _Notes | None = None,
               ) -> tuple[Generation, Verdict | None]:
     """Run the engine; the output check (``AnswerGate``) sees the answer before any of it is passed on, and stops
-    the generation when it refuses."""
+    the generation when it refuses.
+
+    A conversation's earlier turns (``history``, oldest first) go before the question as messages, as many as
+    leave room for the answer in the context: the oldest are dropped first."""
     if deadline is None:
         deadline = time.monotonic() + rt.config.limits.request_timeout_s
     stop = threading.Event()
@@ -268,7 +400,16 @@ def _generate(rt: Runtime, persona: PersonaConfig, request: Request, passages: l
         if cancel is not None and cancel.is_set():
             stop.set()
 
-    messages = build_messages(persona, request.text, passages)
+    turns = list(history or ())
+    messages = build_messages(persona, request.text, passages, turns)
+    while turns and not _fits(rt.engine, messages, sampling.max_tokens):
+        turns.pop(0)
+        messages = build_messages(persona, request.text, passages, turns)
+    if notes is not None and history:
+        notes.history_turns = len(turns)
+        if len(turns) < len(history):
+            log.info("request %s: %d earlier turn(s) of %d fit the context", request.id or "-", len(turns),
+                     len(history))
     gen = rt.engine.generate(messages, sampling, watch, stop, deadline)
     rest = gate.finish(cut_short=gen.finish_reason == "length")
     if rest and on_text is not None:

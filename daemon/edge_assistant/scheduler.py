@@ -12,6 +12,9 @@ Threads and what they own:
 - **reload** (``service``): builds a new runtime while this one serves, then hands it over with ``swap``; when
   memory is short it first ``release``s the old model, and the queue waits meanwhile.
 
+The conversations (``conversations.Conversations``) are the scheduler's, not a runtime's: a reload keeps them (with
+the new runtime's bounds). Only the inference threads read and write them, through ``pipeline.handle``.
+
 Every submitted request gets exactly one final reply: an answer, a refusal, or an error (``busy`` when the queue is
 full, ``shutting_down``, ``expired``, ``cancelled``, ``internal`` for a bug, logged with its traceback). A key
 (transport-chosen identity: reply topic, correlation data, payload digest) that is still queued or running is not
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from . import pipeline
+from .conversations import Conversations
 from .errors import BusyError, EdgeError, ExpiredError, ShuttingDownError
 from .messages import PRIORITY_ALARM, PRIORITY_CHAT, Reply, Request, error_reply
 from .pipeline import Runtime
@@ -76,8 +80,12 @@ class Job:
 class Scheduler:
     """Owns the queue, the inference thread and the runtime. ``start``, then ``submit``; ``stop`` at the end."""
 
-    def __init__(self, runtime: Runtime, queue_size: int = 16, store: ReplyStore | None = None) -> None:
+    def __init__(self, runtime: Runtime, queue_size: int = 16, store: ReplyStore | None = None,
+                 conversations: Conversations | None = None) -> None:
         self.queue_size = queue_size
+        self.conversations = (conversations if conversations is not None
+                              else Conversations(runtime.config.conversations))
+        """The conversations requests continue (in memory unless the daemon gives a store kept on disk)."""
         self._runtime: Runtime | None = runtime
         self._next: Runtime | None = None
         self._hold = False
@@ -298,6 +306,7 @@ class Scheduler:
                     self._cond.wait()
                 old, self._runtime, self._next = self._runtime, self._next, None
                 new = self._runtime
+                self.conversations.configure(new.config.conversations)
                 self._cond.notify_all()
             if old is not None:
                 log.info("runtime swapped between jobs; releasing what the new one does not use")
@@ -335,7 +344,8 @@ class Scheduler:
         if on_text is not None:
             on_text = _contained(on_text)
         try:
-            reply = pipeline.handle(rt, request, on_text, job.cancel, progress=progress)
+            reply = pipeline.handle(rt, request, on_text, job.cancel, progress=progress,
+                                    conversations=self.conversations)
         except Exception:
             log.exception("request %s failed with an unexpected error", request.id or "-",
                           extra={"REQUEST_ID": request.id, "ERROR_CODE": "internal"})

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import app, logsafe
 from .config import Config, load_config, state_directory
+from .conversations import Conversations
 from .errors import EdgeError, StartTimeoutError, VoiceError
 from .mqtt import MqttService
 from .pipeline import Runtime
@@ -217,7 +218,8 @@ class Daemon:
         except _StoppedDuringStartError:
             return self._stopped_during_start()
         self._loaded_file = _identity(choice.info.path)
-        self.scheduler = Scheduler(runtime, self.config.limits.queue_size, self._reply_store())
+        self.scheduler = Scheduler(runtime, self.config.limits.queue_size, self._reply_store(),
+                                   Conversations(self.config.conversations, self.config.conversations.directory()))
         self.scheduler.start()
         try:
             voice = self._make_voice(self.scheduler)  # before the broker: 'online' means every door is open
