@@ -89,11 +89,36 @@ def test_thresholds_are_chosen_on_the_training_rows_out_of_fold() -> None:
     ex = examples()
     x = emb.embed([e.text for e in ex]).astype(np.float64)
     y = np.array([1.0 if e.on else 0.0 for e in ex])
-    oof = rm.out_of_fold(x, y, rm.balanced_weights(y), 0)
+    oof, _ = rm.out_of_fold(x, y, rm.balanced_weights(y), 0)
     clf = trained()
     for name, share in rm.FALSE_REFUSALS.items():
         assert clf.thresholds[name] == rm.threshold_for(oof[y == 1], share)
     assert clf.thresholds["low"] <= clf.thresholds["medium"] <= clf.thresholds["high"]
+    assert clf.part_thresholds == clf.thresholds  # no clauses: joined tasks are held to the same bar
+
+
+def clauses(text: str) -> list[str]:
+    """Two clauses of every on-topic training text: its two halves."""
+    words = text.split()
+    return [" ".join(words[:3]), " ".join(words[3:])]
+
+
+def test_the_joined_tasks_threshold_is_chosen_on_clauses_of_on_topic_rows_out_of_fold(tmp_path: Path) -> None:
+    emb = WordEmbedder()
+    ex = examples()
+    clf = rm.build(emb, ex, None, tmp_path, clauses=clauses)
+    x = emb.embed([e.text for e in ex]).astype(np.float64)
+    y = np.array([1.0 if e.on else 0.0 for e in ex])
+    split = [(i, c) for i, e in enumerate(ex) if e.on for c in clauses(e.text)]
+    parts = emb.embed([c for _, c in split]).astype(np.float64)
+    _, part_oof = rm.out_of_fold(x, y, rm.balanced_weights(y), 0, parts=parts, part_rows=[i for i, _ in split])
+    for name, share in rm.FALSE_REFUSALS.items():
+        assert clf.part_thresholds[name] == rm.threshold_for(part_oof, share)
+    assert clf.part_thresholds != clf.thresholds
+    # the clauses are inputs: the cached classifier is the one trained with them
+    again = rm.build(emb, ex, None, tmp_path, clauses=clauses)
+    assert again.part_thresholds == clf.part_thresholds
+    assert rm.build(emb, ex, None, tmp_path).part_thresholds == rm.build(emb, ex, None, None).thresholds
 
 
 def test_balanced_weights_give_both_classes_the_same_total_and_cap_the_documents() -> None:

@@ -2,11 +2,12 @@
 
 Each layer returns a ``Verdict``; the first refusal wins and names its layer and a reason code.
 
-- ``rules``: pure checks of text, with no model: a request's role markers, injection, extraction and disguise
-  markers, encoded payloads, language and blocked subjects; the tasks a request joins; an answer's role markers,
+- ``rules``: pure checks of a text's form, with no model: a request's chat-template markers, encoded or invisible
+  payloads, language and blocked subjects; the tasks a request joins; an answer's role markers,
   blocked subjects and stretches of the system prompt.
-- ``relevance``: whether a request, or a sentence of an answer, belongs to the persona's domain, by the nearest of
-  its on-topic and off-topic examples in an embedding space (or a yes/no question to the loaded model).
+- ``relevance``: whether a request belongs to the persona's domain, by a classifier over sentence embeddings
+  trained on labelled examples (``classifier``, ``corpus/``), or a yes/no question to the loaded model; whether a
+  sentence of an answer does, by the nearest of the persona's examples.
 - ``answer_gate``: the output check as an answer streams (``AnswerGate``): fed piece by piece, it releases only what
   passed the rules and, sentence by sentence, the relevance layer.
 
@@ -28,11 +29,8 @@ from .relevance import (
 )
 from .rules import (
     ALLOW,
-    DRESSED_MARKERS,
     ENGLISH,
-    EXTRACTION_MARKERS,
     FORMAT_PAYLOAD,
-    INJECTION_MARKERS,
     LABELLED,
     OTHER_LANGUAGES,
     ROLE_MARKERS,
@@ -51,11 +49,8 @@ from .rules import (
 
 __all__ = [
     "ALLOW",
-    "DRESSED_MARKERS",
     "ENGLISH",
-    "EXTRACTION_MARKERS",
     "FORMAT_PAYLOAD",
-    "INJECTION_MARKERS",
     "LABELLED",
     "MARGINS",
     "OTHER_LANGUAGES",

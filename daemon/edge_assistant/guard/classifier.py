@@ -12,7 +12,10 @@ What it learns from, all of it labelled on topic or off topic:
 Training is deterministic: float64, weights start at zero, a fixed number of Newton steps on the full batch, class
 weights balanced. The probability threshold is chosen by a stated rule on out-of-fold probabilities of the labelled
 on-topic rows (``FOLDS``-fold cross-validation over the training examples, never the evaluation sets): the lowest
-probability that keeps at most ``FALSE_REFUSALS[strictness]`` of them below it.
+probability that keeps at most ``FALSE_REFUSALS[strictness]`` of them below it. A task joined to others is judged
+alone, and a clause of an on-topic question often names nothing by itself ("which form do I use?"): the threshold
+for joined tasks follows the same rule on the clauses of the on-topic rows that join several, each predicted by the
+model that did not see its row.
 
 The trained classifier is cached in a file named by a digest of every input (the rows, the document vectors and the
 embedding model's identity): the same inputs load it; any change trains again.
@@ -24,7 +27,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -48,7 +51,7 @@ MAX_DOCUMENT_UNITS = 2000
 """The documents' sentences taken as on-topic evidence at most (evenly spaced over the index when there are more)."""
 IDENTITY_PROBE = "The quick brown fox jumps over the lazy dog."
 """Embedded to tell embedding models apart: another model (or the same on other kernels) gives another vector."""
-FORMAT = "1"
+FORMAT = "2"
 """The cache file's layout; another one is trained again."""
 
 
@@ -151,13 +154,17 @@ def balanced_weights(y: Floats, evidence: npt.NDArray[np.bool_] | None = None) -
     return w
 
 
-def out_of_fold(x: Floats, y: Floats, weights: Floats, fixed: int, folds: int = FOLDS) -> Floats:
+def out_of_fold(x: Floats, y: Floats, weights: Floats, fixed: int, folds: int = FOLDS,
+                parts: Floats | None = None, part_rows: Sequence[int] = ()) -> tuple[Floats, Floats]:
     """Cross-validated probabilities of the first ``len(x) - fixed`` rows: row ``i`` is predicted by a model
     trained without its fold (``i % folds``). The last ``fixed`` rows (the documents' sentences) are in every
-    training fold and predicted by none."""
+    training fold and predicted by none. ``parts`` (clauses of rows, ``part_rows`` naming each one's row) are
+    predicted by the model of their row's fold."""
     labelled = len(x) - fixed
     fold = np.arange(labelled) % folds
     out = np.zeros(labelled)
+    part_fold = np.asarray(part_rows, dtype=int) % folds
+    part_out = np.zeros(len(part_rows))
     for k in range(folds):
         held = fold == k
         if not held.any():
@@ -165,7 +172,9 @@ def out_of_fold(x: Floats, y: Floats, weights: Floats, fixed: int, folds: int = 
         train = np.concatenate([~held, np.ones(fixed, dtype=bool)])
         w = fit(x[train], y[train], weights[train])
         out[held] = predict(w, x[:labelled][held])
-    return out
+        if parts is not None and np.any(part_fold == k):
+            part_out[part_fold == k] = predict(w, parts[part_fold == k])
+    return out, part_out
 
 
 def threshold_for(on_probabilities: Floats, false_refusals: float) -> float:
@@ -185,7 +194,9 @@ class Classifier:
     weights: Floats
     """One per embedding dimension, then the bias."""
     thresholds: Mapping[str, float]
-    """Per strictness (``low``, ``medium``, ``high``)."""
+    """Per strictness (``low``, ``medium``, ``high``): for a request."""
+    part_thresholds: Mapping[str, float]
+    """Per strictness: for a task a request joins to others, judged alone."""
     digest: str
     """The digest of the inputs it was trained on (``inputs_digest``)."""
     rows: int = 0
@@ -204,7 +215,7 @@ class Classifier:
         try:
             np.savez(tmp, format=np.array(FORMAT), digest=np.array(self.digest), weights=self.weights,
                      strictness=np.array(names), thresholds=np.array([self.thresholds[k] for k in names]),
-                     rows=np.array(self.rows))
+                     part_thresholds=np.array([self.part_thresholds[k] for k in names]), rows=np.array(self.rows))
             tmp.replace(path)
         except OSError as exc:
             log.warning("cannot write the relevance classifier %s: %s (it is trained again at the next start)",
@@ -220,8 +231,10 @@ class Classifier:
             with np.load(path) as data:
                 if str(data["format"]) != FORMAT or str(data["digest"]) != digest:
                     return None
-                thresholds = {str(k): float(v) for k, v in zip(data["strictness"], data["thresholds"], strict=True)}
-                return cls(np.array(data["weights"], dtype=np.float64), thresholds, digest, int(data["rows"]))
+                names = [str(k) for k in data["strictness"]]
+                thresholds = dict(zip(names, map(float, data["thresholds"]), strict=True))
+                parts = dict(zip(names, map(float, data["part_thresholds"]), strict=True))
+                return cls(np.array(data["weights"], dtype=np.float64), thresholds, parts, digest, int(data["rows"]))
         except (OSError, ValueError, KeyError) as exc:
             log.warning("ignoring the relevance classifier cache %s: %s", path, exc)
             return None
@@ -244,9 +257,9 @@ def document_sample(vectors: npt.NDArray[np.floating] | None) -> Floats:
     return v
 
 
-def inputs_digest(examples: Sequence[Example], documents: Floats, identity: str) -> str:
-    """A digest of everything training depends on: each row's text and label, the documents' vectors, the
-    embedding model's identity and the training settings."""
+def inputs_digest(examples: Sequence[Example], documents: Floats, identity: str, parts: Sequence[str] = ()) -> str:
+    """A digest of everything training depends on: each row's text and label, the clauses the threshold for
+    joined tasks is chosen on, the documents' vectors, the embedding model's identity and the training settings."""
     h = hashlib.sha256()
     settings = {"format": FORMAT, "l2": L2, "steps": NEWTON_STEPS, "folds": FOLDS,
                 "false_refusals": dict(sorted(FALSE_REFUSALS.items())), "max_units": MAX_DOCUMENT_UNITS}
@@ -254,15 +267,20 @@ def inputs_digest(examples: Sequence[Example], documents: Floats, identity: str)
     h.update(identity.encode())
     for e in examples:
         h.update(f"\n{int(e.on)}\t{e.text}".encode())
+    h.update(b"\nparts")
+    for part in parts:
+        h.update(f"\n{part}".encode())
     h.update(b"\ndocuments")
     h.update(np.ascontiguousarray(documents, dtype=np.float64).tobytes())
     return h.hexdigest()
 
 
-def train(examples: Sequence[Example], vectors: npt.NDArray[np.floating], documents: Floats,
-          digest: str = "") -> Classifier:
+def train(examples: Sequence[Example], vectors: npt.NDArray[np.floating], documents: Floats, digest: str = "",
+          parts: npt.NDArray[np.floating] | None = None, part_rows: Sequence[int] = ()) -> Classifier:
     """Train on ``examples`` (their embeddings ``vectors``, row for row) and the documents' sentence vectors
-    ``documents`` (on topic); choose each strictness's threshold on the examples' out-of-fold probabilities."""
+    ``documents`` (on topic); choose each strictness's threshold on the examples' out-of-fold probabilities, and
+    the one for joined tasks on those of ``parts`` (clause vectors of on-topic examples, ``part_rows`` naming each
+    one's example; none: the same thresholds)."""
     if len(vectors) != len(examples):
         raise ValueError(f"{len(examples)} examples but {len(vectors)} vectors")
     if not any(e.on for e in examples) or all(e.on for e in examples):
@@ -274,30 +292,37 @@ def train(examples: Sequence[Example], vectors: npt.NDArray[np.floating], docume
     y = np.array([1.0 if e.on else 0.0 for e in examples] + [1.0] * fixed)
     evidence = np.concatenate([np.zeros(len(examples), dtype=bool), np.ones(fixed, dtype=bool)])
     weights = balanced_weights(y, evidence)
-    oof = out_of_fold(x, y, weights, fixed)
+    part_x = np.asarray(parts, dtype=np.float64) if parts is not None and len(parts) else None
+    oof, part_oof = out_of_fold(x, y, weights, fixed, parts=part_x, part_rows=part_rows if part_x is not None else ())
     on_rows = oof[y[:len(examples)] == 1]
     thresholds = {name: threshold_for(on_rows, share) for name, share in FALSE_REFUSALS.items()}
-    return Classifier(fit(x, y, weights), thresholds, digest, len(x))
+    part_thresholds = ({name: threshold_for(part_oof, share) for name, share in FALSE_REFUSALS.items()}
+                       if part_x is not None else dict(thresholds))
+    return Classifier(fit(x, y, weights), thresholds, part_thresholds, digest, len(x))
 
 
 def build(embedder: Embedder, examples: Sequence[Example], documents: npt.NDArray[np.floating] | None,
-          cache_dir: Path | None, label: str = "") -> Classifier:
+          cache_dir: Path | None, label: str = "", clauses: Callable[[str], Sequence[str]] | None = None) -> Classifier:
     """The classifier for these inputs: loaded from ``cache_dir`` when one was trained on the same inputs, else
-    trained (the examples' embeddings are remembered by the embedder) and saved there."""
+    trained (the examples' embeddings are remembered by the embedder) and saved there. ``clauses`` splits an
+    on-topic example into the tasks it joins (none when it joins none), for the joined tasks' threshold."""
     t0 = time.monotonic()
     docs = document_sample(documents)
-    digest = inputs_digest(examples, docs, embedder_identity(embedder))
+    split = [(i, c) for i, e in enumerate(examples) if e.on and clauses is not None for c in clauses(e.text)]
+    digest = inputs_digest(examples, docs, embedder_identity(embedder), [c for _, c in split])
     path = cache_dir / f".relevance.{digest[:24]}.npz" if cache_dir is not None else None
     cached = Classifier.load(path, digest) if path is not None else None
     if cached is not None:
         log.info("relevance classifier%s loaded from %s (%d rows)", label, path, cached.rows)
         return cached
     vectors = embedder.embed([e.text for e in examples], remember=True)
+    parts = embedder.embed([c for _, c in split], remember=True) if split else None
     t1 = time.monotonic()
-    classifier = train(examples, vectors, docs, digest)
+    classifier = train(examples, vectors, docs, digest, parts, [i for i, _ in split])
     log.info("relevance classifier%s trained on %d examples and %d document sentences: embedding %.1f s, "
-             "training %.1f s; thresholds %s", label, len(examples), len(docs), t1 - t0, time.monotonic() - t1,
-             ", ".join(f"{k} {v:.3f}" for k, v in sorted(classifier.thresholds.items())))
+             "training %.1f s; thresholds %s (joined tasks %s)", label, len(examples), len(docs), t1 - t0,
+             time.monotonic() - t1, ", ".join(f"{k} {v:.3f}" for k, v in sorted(classifier.thresholds.items())),
+             ", ".join(f"{k} {v:.3f}" for k, v in sorted(classifier.part_thresholds.items())))
     if path is not None:
         classifier.save(path)
     return classifier

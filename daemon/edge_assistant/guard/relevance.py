@@ -1,8 +1,10 @@
 """The guard's relevance layer: whether a request, or a sentence of an answer, belongs to the persona's domain.
 
-``Relevance`` compares a text's embedding (an ``Embedder``: llama.cpp embeddings, see ``engine.Embedder``) with the
-persona's on-topic and off-topic examples, nearest neighbours first, against the ``Margins`` of the embedder's kind;
-or asks the loaded model a yes/no question (``ask_yes_no``, a ``Chooser``). An allowed subject named in the text
+``Relevance`` judges a request, and each task a request joins, with a classifier trained on labelled examples
+(``classifier``: the shipped corpus, the persona's examples, the documents' sentences) over the text's embedding
+(an ``Embedder``: llama.cpp embeddings, see ``engine.LlamaEmbedder``); or asks the loaded model a yes/no question
+(``ask_yes_no``, a ``Chooser``). A sentence of an answer is compared with the persona's on-topic and off-topic
+examples, nearest neighbours first, against the ``Margins`` of the embedder's kind; an allowed subject named in it
 is on topic whatever the margin.
 """
 
@@ -13,12 +15,14 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
-from .rules import ALLOW, GuardConfig, Verdict, check_input, split_request
+from .classifier import Classifier, Example, build, persona_examples, read_corpus
+from .rules import ALLOW, GuardConfig, Verdict, check_input, request_parts, split_request
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +34,9 @@ class Margins:
     Chosen from the figures ``scripts/eval_guard`` prints on the tuning parts (see README, "Staying on topic")."""
 
     request: dict[str, float]
-    """Per strictness: the margin a request must reach."""
+    """Per strictness: the margin an answer's opening sentence must reach when read with the one after it."""
     part: float
-    """How much further on the domain's side a joined task must be when it names nothing of the domain."""
+    """Unused since requests are judged by the classifier; kept for configs that name it."""
     answer: dict[str, float]
     """Per strictness: the margin one sentence of an answer must reach (answers are statements, the examples
     requests: a lower bar)."""
@@ -102,11 +106,21 @@ def _word_hit(text: str, words: Sequence[str]) -> str:
 
 @dataclass
 class Relevance:
-    """Nearest-example relevance for one persona, with the examples' embeddings computed once."""
+    """The relevance layer of one persona: its classifier trained (or loaded from the cache) once, its examples'
+    embeddings computed once.
+
+    ``evidence``: the sentence vectors of the plant's indexed documents (``knowledge.Retriever.vectors``), on-topic
+    training rows of the classifier. ``corpus``: the labelled rows to train on besides the persona's examples (None:
+    the shipped corpus when ``GuardConfig.corpus``). ``cache_dir``: where the trained classifier is kept (None: beside
+    the embedder's cache file, when it has one)."""
 
     cfg: GuardConfig
     embedder: Embedder | None
     chooser: Chooser | None = None
+    evidence: npt.NDArray[np.float32] | None = None
+    corpus: Sequence[Example] | None = None
+    cache_dir: Path | None = None
+    classifier: Classifier | None = field(default=None, init=False)
     _on: npt.NDArray[np.float32] | None = field(default=None, init=False)
     _off: npt.NDArray[np.float32] | None = field(default=None, init=False)
 
@@ -117,6 +131,15 @@ class Relevance:
             self._off = self.embedder.embed(self.cfg.off_topic, remember=True)
             log.info("relevance examples embedded (%d on, %d off) in %.0f ms", len(self.cfg.on_topic),
                      len(self.cfg.off_topic), (time.monotonic() - t0) * 1000)
+            if self.cfg.strictness != "off":
+                corpus = self.corpus if self.corpus is not None else read_corpus() if self.cfg.corpus else []
+                cache = self.cache_dir
+                if cache is None:
+                    embedder_cache = getattr(self.embedder, "cache_path", None)
+                    cache = embedder_cache.parent if isinstance(embedder_cache, Path) else None
+                self.classifier = build(self.embedder, [*corpus, *persona_examples(self.cfg.on_topic,
+                                                                                    self.cfg.off_topic)],
+                                        self.evidence, cache, clauses=_joined_tasks)
 
     @property
     def margins(self) -> Margins:
@@ -142,10 +165,14 @@ class Relevance:
         off = np.sort(self._off @ v)[-k:].mean()
         return float(on - off)
 
+    def probability(self, text: str) -> float:
+        """The classifier's probability that ``text`` is on topic (0 for a text the model could not embed)."""
+        assert self.embedder is not None and self.classifier is not None
+        return float(self.classifier.probability(self.embedder.embed([text]))[0])
+
     def check(self, text: str, covered: bool = False) -> Verdict:
-        """Allow when an allowed subject is named or the margin clears the strictness threshold, and every task
-        the request joins to it does too. ``covered``: the plant's documents answer the request, so only the
-        joined tasks are judged."""
+        """Allow when the request is on topic and every task it joins to it is too. ``covered``: the plant's
+        documents answer the request, so only the joined tasks are judged."""
         if self.cfg.strictness == "off":
             return ALLOW
         whole = ALLOW if covered else self._judge(text)
@@ -159,35 +186,38 @@ class Relevance:
                     return verdict
         return whole
 
+    def _classify(self, text: str, code: str, what: str, joined: bool = False) -> Verdict:
+        """The classifier's verdict: refused with ``code`` below the strictness's threshold (that for a joined
+        task when ``joined``)."""
+        assert self.classifier is not None
+        p = self.probability(text)
+        thresholds = self.classifier.part_thresholds if joined else self.classifier.thresholds
+        threshold = thresholds[self.cfg.strictness]
+        if p < threshold:
+            return Verdict(False, "relevance", code, f"{what}probability {p:.3f} below {threshold:.3f}", p)
+        return Verdict(True, "relevance", "", f"{what}probability {p:.3f}", p)
+
     def _judge_part(self, part: str) -> Verdict:
-        """A task joined to others: on topic when it names a subject or a word of the domain, or its margin is
-        clearly on the domain's side."""
+        """A task joined to others, judged alone: by the classifier where there is one, else on topic when it
+        names a subject or a word of the domain."""
+        if self.classifier is not None:
+            return self._classify(part, "compound", f"joined task {part[:60]!r}: ", joined=True)
         if keyword_hit(part, self.cfg) or _word_hit(part, self.cfg.vocabulary):
             return ALLOW
-        if self.cfg.relevance == "embedding" and self._on is not None:
-            score = self.margin(part)
-            if score >= self.margins.request[self.cfg.strictness] + self.margins.part:
-                return ALLOW
-            return Verdict(False, "relevance", "compound", f"joined task {part[:60]!r} names nothing of the domain "
-                                                           f"(margin {score:.3f})", score)
         return Verdict(False, "relevance", "compound", f"joined task {part[:60]!r} names nothing of the domain")
 
     def _judge(self, text: str) -> Verdict:
+        if self.classifier is not None:
+            return self._classify(text, "off_topic", "")
         word = keyword_hit(text, self.cfg)
         if word:
             return Verdict(True, "relevance", "", f"allowed subject {word!r}")
         if not self.active:
             return ALLOW
-        if self.cfg.relevance == "yesno":
-            assert self.chooser is not None
-            if ask_yes_no(self.chooser, self.cfg.domain, text):
-                return Verdict(True, "relevance", "", "the model said yes")
-            return Verdict(False, "relevance", "off_topic", "the model said the request is outside the domain")
-        score = self.margin(text)
-        threshold = self.margins.request[self.cfg.strictness]
-        if score < threshold:
-            return Verdict(False, "relevance", "off_topic", f"margin {score:.3f} below {threshold:.3f}", score)
-        return Verdict(True, "relevance", "", f"margin {score:.3f}", score)
+        assert self.cfg.relevance == "yesno" and self.chooser is not None
+        if ask_yes_no(self.chooser, self.cfg.domain, text):
+            return Verdict(True, "relevance", "", "the model said yes")
+        return Verdict(False, "relevance", "off_topic", "the model said the request is outside the domain")
 
     @property
     def checks_answers(self) -> bool:
@@ -230,6 +260,11 @@ class Relevance:
         if self.margins.answer_with_previous is None:
             return False
         return opening or (refused.score is not None and refused.score >= self.margins.answer_floor)
+
+
+def _joined_tasks(text: str) -> list[str]:
+    """The tasks ``Relevance.check`` judges alone in ``text``: none when it joins none."""
+    return request_parts(text) if len(split_request(text)) > 1 else []
 
 
 def content_words(text: str) -> frozenset[str]:

@@ -18,89 +18,17 @@ from typing import Literal
 Strictness = Literal["off", "low", "medium", "high"]
 
 
-# Chat-template and role markers: in user text they are an attempt to open a new turn.
+# Chat-template syntax: the special tokens and turn headers of the chat formats small models are trained on
+# (ChatML and Llama 3 ``<|...|>`` tokens, Llama 2 ``[INST]``/``<<SYS>>``, ``<s>``, Alpaca ``### Instruction``
+# headers) and a line that opens a system or assistant turn as transcripts write it. In user text they can only be
+# an attempt to open a new turn; no word alone is one ("Developer: ..." or "admin password" are not).
 ROLE_MARKERS = re.compile(
     r"<\|[a-z_]{2,20}\|>|</?s>|\[/?INST\]|<<\s*/?SYS\s*>>|^\s*#{2,}\s*(instruction|system|response)\b|"
-    r"^\s*(system|assistant)\s*:|(?:^|[.!?]\s+)(system|admin|developer|root)\s*:|"
-    r"\[\s*(system|admin|developer|root)\b[^\]]{0,30}\]|\|{2,}\s*system", re.IGNORECASE | re.MULTILINE)
+    r"^\s*(system|assistant)\s*:", re.IGNORECASE | re.MULTILINE)
 
-INJECTION_MARKERS = re.compile("|".join([
-    r"\b(ignore|disregard|forget|override|bypass|skip)\b[^.?!\n]{0,40}\b(instructions?|rules?|directions?|"
-    r"guidelines?|prompts?|polic(y|ies)|restrictions?|filters?|above|before|everything|previous|prior|protocols?|"
-    r"safety|programming|guardrails?|constraints?|ethics|directives?|commands)\b",
-    r"\boverrides?\b[^.?!\n]{0,30}\b(previous|prior|earlier|all|above|security|safety)\b",
-    r"\b(drop|truncate)\s+table\b|\brm\s+-rf\b|<script\b|/etc/(passwd|shadow)\b",
-    r"\b(reveal|tell|give|show|list|leak|print)\b[^.?!\n]{0,25}\b(passwords?|secrets?|api\s+keys?|credentials|"
-    r"access\s+keys?)\b",
-    # credentials and a role given to the assistant
-    r"\b(database|server|system|admin|root|user|your|login)\s+(passwords?|credentials|secrets?)\b|\blogin\s+data\b",
-    r"^\W*(you\s+are|you're|act\s+like)\s+(an?|the)\s+(\w+\s+){0,3}(developer|admin|administrator|hacker|assistant|ai|"
-    r"bot|model|expert|engineer|simulator|terminal|character|persona)\b",
-    r"\b(system|initial|hidden|original)\s+(prompt|message|instructions?|configuration)\b",
-    r"\byou\s+are\s+(now|no\s+longer)\b",
-    r"\b(act|behave|roleplay|role-play)\s+as\b",
-    r"\bpretend\s+(you|to\s+be)\b|\blet'?s\s+play\s+a\s+game\b",
-    r"\b(developer|jailbreak|god|dan)\s+mode\b|\bjailbreak\b|\bDAN\b",
-    r"\b(no|without)\s+(rules|restrictions|limits|filters)\b",
-    # the assistant's own instructions, not "show me the instructions for the tool changer"
-    r"\b(reveal|print|show|repeat|output|display)\b[^.?!\n]{0,30}\b((your|its|the\s+(system|initial|hidden|"
-    r"original|above|previous|full|whole|complete))\s+(instructions?|prompts?|context|configuration|rules)|"
-    r"prompts?|text\s+above|everything\s+(above|before|you))\b",
-    r"\bfrom\s+now\s+on\b|\bnew\s+(rule|task|instructions?)\b",
-    r"\b(simulate|become)\s+an?\s+\w*\s*(ai|assistant|chatbot)\b",
-    r"\bsystem\s+override\b|\boverride\s*:",
-    r"\b(disable|turn\s+off|switch\s+off|remove)\s+(the\s+|your\s+)?(topic\s+)?(filter|restrictions?|rules|guard|"
-    r"safety|limits)\b",
-    r"\byour\s+(new|real)\s+(task|job|purpose)\b",
-    r"\bwrite\s+the\s+word\b[^.?!\n]{0,20}\band\s+nothing\s+else\b",
-    r"\b(reply|respond|answer)\s+(only\s+)?with\s+(your|the)\s+(system|initial)\b",
-]), re.IGNORECASE)
-
-
-# Requests for the hidden instructions in words other than "system prompt": what came before, between tags, word
-# for word, what the assistant was told or configured with.
-EXTRACTION_MARKERS = re.compile("|".join([
-    r"\b(word\s+for\s+word|verbatim)\b",
-    r"\b(between|inside|within|in)\s+(the\s+)?<[^>\n]{1,30}>\s*tags?\b|\bbetween\s+the\s+(\w+\s+)?tags\b",
-    r"\b(text|everything|words?|content)\s+(above|before|preceding)\s+(this|my|the|our)\b",
-    r"\b(precedes?|preceding|came\s+before|before)\s+(my\s+first\s+message|the\s+conversation|this\s+(chat|"
-    r"conversation))\b",
-    r"\b(hidden|confidential|secret)\s+(text|instructions?|rules|directives?|prompt|setup|log|configuration|policy|"
-    r"persona)\b",
-    r"\b(internal|initial|original)\s+(instructions?|directives?|prompt|persona)\b",
-    r"\byou\s+(were|have\s+been|are)\s+(told|given|configured|instructed|programmed|set\s+up)\b",
-    r"\b(beginning|start)\s+of\s+(our|this|the)\s+(conversation|chat|session)\b",
-    # "your" only: "show the instructions for the tool changer" is an operator's question
-    r"\byour\s+(rules|instructions|directives|guidelines|configuration|persona|identity|initiali[sz]ation)\b"
-    r"[^.?!\n]{0,40}\b(exact|exactly|wording|quote|list|summari[sz]e|show|print|output|display|repeat|dump|log)\b",
-    r"\b(exact|exactly|wording|quote|list|summari[sz]e|show|print|output|display|repeat|dump|log)\b[^.?!\n]{0,40}"
-    r"\byour\s+(rules|instructions|directives|guidelines|configuration|persona|identity|initiali[sz]ation)\b",
-    r"\bsafety\s+polic(y|ies)\b|\bpolicy\s+string\b",
-    # the assistant's own internals (not "your system" or "your database": operators ask the assistant to look
-    # things up in them)
-    r"\byour\s+(algorithm|source\s+code|code|memory|directories|login|server|host|internals?|weights|"
-    r"training\s+data)\b",
-    r"\b(files|directories|folders)\s+(you\s+have|on\s+your)\b|\bmemory\s+usage\s+details\b",
-]), re.IGNORECASE)
-
-# An off-topic request dressed as on topic, or a translation that is to be obeyed.
-DRESSED_MARKERS = re.compile("|".join([
-    r"\b(pretend|imagine|assume|treat|consider|regard)\b[^.?!\n]{0,30}\b(this|that|it|the\s+following)\b"
-    r"[^.?!\n]{0,12}\b(is|as|was)\b[^.?!\n]{0,30}\b(question|request|topic|task)\b",
-    r"\b(translate|decode|decipher|decrypt|convert|interpret)\b[^.?!\n]{0,60}\b(and|then)\s+(follow|obey|execute|do|"
-    r"run|carry\s+out|act\s+on)\b",
-    r"\b(decode|decipher|decrypt|convert)\b[^.?!\n]{0,40}\b(follow|obey|execute|do\s+what)\b",
-    r"\b(follow|obey|execute)\b[^.?!\n]{0,20}\b(it|this|them)\b[^.?!\n]{0,30}\b(decod\w*|translat\w*|rot-?13|"
-    r"base64|hex)\b",
-    r"\bdo\s+what\s+it\s+says\b|\b(rot-?13|base-?64)\b[^.?!\n]{0,30}\b(decode|obey|follow|execute)\b",
-    # the same in German, French, Spanish, Italian, Portuguese
-    r"\b(übersetze|traduis|traduce|traduci|traduza)\b[^.?!\n]{0,40}\b(befolge|folge|exécute|suis|sigue|ejecuta|"
-    r"segui|esegui|siga|execute)\b",
-    r"\b(ignoriere|ignorier|vergiss|ignora|ignorez|oublie|olvida|dimentica|esqueça)\b[^.?!\n]{0,40}\b(regeln|"
-    r"anweisungen|instructions|règles|instrucciones|reglas|istruzioni|regole|instruções|regras)\b",
-]), re.IGNORECASE)
-
-# Words that join a second task to the first: each part is judged on its own.
+# The following three split a request into the tasks it joins; they refuse nothing: each part is judged by the
+# relevance layer on its own.
+# Words that join a second task to the first.
 TASK_JOINS = re.compile(
     r"(?:[,.;!?]?\s+)(?:and\s+then|and\s+also|then|after\s+that|afterwards|also|additionally|plus|p\.\s?s\.)"
     r"[,:]?\s+|\s*;\s+", re.IGNORECASE)
@@ -130,7 +58,10 @@ OTHER_LANGUAGES: dict[str, frozenset[str]] = {
 
 
 def language_of(text: str) -> str:
-    """A rough guess: ``en``, one of ``OTHER_LANGUAGES``, ``other`` (another script) or ``""`` (cannot tell)."""
+    """A rough guess: ``en``, one of ``OTHER_LANGUAGES``, ``other`` (another script) or ``""`` (cannot tell).
+
+    The property: the language whose most common words a text uses most (two at least), or a script other than
+    the Latin one for most of its letters."""
     letters = [ch for ch in text if ch.isalpha()]
     if not letters:
         return ""
@@ -148,26 +79,48 @@ def language_of(text: str) -> str:
     return best
 
 
+def _reads_as_text(raw: bytes) -> bool:
+    """Whether decoded bytes read as words: eight bytes or more, nearly all printable ASCII, a word of two letters
+    or more followed by a space and another word. A register dump or a key decodes to no such thing."""
+    return (len(raw) >= 8 and sum(32 <= b < 127 for b in raw) >= 0.95 * len(raw)
+            and re.search(rb"[A-Za-z]{2,} [A-Za-z]", raw) is not None)
+
+
+INVISIBLE = re.compile("[\U000E0000-\U000E007F\u202A-\u202E\u2066-\u2069]|"
+                       "(?<=\\w)[\u200B\u2060\uFEFF](?=\\w)")
+"""Characters that change what a model reads but not what a person sees: Unicode tag characters (an invisible
+copy of ASCII), bidirectional overrides and isolates, and a zero-width space, word joiner or byte-order mark inside
+a word (the zero-width joiner and non-joiner are left alone: scripts such as Persian and Devanagari use them)."""
+
+
 def encoded_payload(text: str) -> str:
-    """What kind of encoded or disguised text ``text`` carries (``""`` for none): payloads a model may decode."""
+    """What kind of encoded or disguised text ``text`` carries (``""`` for none): text a model may decode and
+    obey that a reader (or a check of the visible words) does not see.
+
+    Each kind is a property of the text's form, never of its words: base64, hex escapes, unicode escapes and
+    runs of hex bytes that decode to words (``_reads_as_text``); UTF-7; invisible characters (``INVISIBLE``);
+    letters of two scripts, or letters dressed as symbols, within one word (homoglyphs)."""
     for m in re.finditer(r"[A-Za-z0-9+/]{16,}={0,2}", text):
         token = m.group(0)
         try:
             raw = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
         except (binascii.Error, ValueError):
             continue
-        if len(raw) >= 8 and sum(32 <= b < 127 for b in raw) >= 0.95 * len(raw) and re.search(rb"[A-Za-z]{2,} [A-Za-z]",
-                                                                                              raw):
+        if _reads_as_text(raw):
             return "base64"
-    if len(re.findall(r"\\x[0-9a-fA-F]{2}", text)) >= 4:
+    escapes = re.findall(r"\\x([0-9a-fA-F]{2})", text)
+    if len(escapes) >= 4 and _reads_as_text(bytes.fromhex("".join(escapes))):
         return "hex escapes"
-    if len(re.findall(r"\\u\{?[0-9a-fA-F]{4}\}?", text)) >= 4:
+    units = re.findall(r"\\u\{?([0-9a-fA-F]{4})\}?", text)
+    if len(units) >= 4 and _reads_as_text("".join(chr(int(u, 16)) for u in units).encode("utf-8", "replace")):
         return "unicode escapes"
-    if re.search(r"\+AD[A-Za-z0-9]{1,6}-", text):
+    if re.search(r"\+AD[A-Za-z0-9]{1,6}-", text):  # UTF-7's base64 runs for ASCII punctuation: no one types them
         return "UTF-7"
-    hexbytes = re.findall(r"(?:\b[0-9a-fA-F]{2}\b\s*){8,}", text)
-    if any(re.search(r"[a-fA-F]", h) for h in hexbytes):
-        return "hex bytes"
+    for run in re.finditer(r"(?:\b[0-9a-fA-F]{2}\b[ \t:,-]*){8,}", text):
+        if _reads_as_text(bytes.fromhex("".join(re.findall(r"[0-9a-fA-F]{2}", run.group(0))))):
+            return "hex bytes"
+    if INVISIBLE.search(text):
+        return "invisible characters"
     for word in re.findall(r"[^\W\d_]{3,}", text):
         scripts = {_script(ch) for ch in word}
         if len(scripts) > 1 and "LATIN" in scripts:
@@ -216,25 +169,33 @@ class GuardConfig:
     domain: str = ""
     """One sentence describing what the persona talks about."""
     allowed_subjects: tuple[str, ...] = ()
-    """Words that mark a request as on topic (whole words, case-insensitive)."""
+    """Words that mark a sentence of an answer as on topic, and a request too where no classifier judges requests
+    (``relevance`` ``yesno``) (whole words, case-insensitive). The classifier judges every request whatever words
+    it names: a story about the spindle names one."""
     blocked_subjects: tuple[str, ...] = ()
     """Regular expressions; a match in the request or the answer refuses."""
     on_topic: tuple[str, ...] = ()
-    """Examples of requests to answer (the relevance layer's positives)."""
+    """Examples of requests to answer: training rows of the relevance classifier, and the answer check's
+    positives."""
     off_topic: tuple[str, ...] = ()
-    """Examples of requests to refuse (the relevance layer's negatives)."""
+    """Examples of requests to refuse: training rows of the relevance classifier, and the answer check's
+    negatives."""
+    corpus: bool = True
+    """Train the relevance classifier on the shipped corpus as well (``guard/corpus``: a machining plant's
+    questions in operators' words, everyday and creative requests, override and extraction attempts); false: on
+    the persona's examples and the documents' sentences alone (a persona of another domain)."""
     refusal: str = "I can only help with questions about this line's machines, tools and safety."
     """The fixed refusal text: a refusal is as deterministic as an answer."""
     injection: Literal["refuse", "quote"] = "refuse"
     """``refuse`` requests that try to change the assistant's instructions; ``quote`` passes them on as data
     (the translator translates them)."""
     relevance: Literal["embedding", "yesno", "none"] = "embedding"
-    """The relevance layer: nearest examples by llama.cpp embeddings, a yes/no question to the loaded model
-    constrained by a grammar, or none (see the measured figures in the README)."""
+    """The relevance layer: a classifier over sentence embeddings trained on labelled examples
+    (``guard.classifier``), a yes/no question to the loaded model constrained by a grammar, or none (see the
+    measured figures in the README)."""
     vocabulary: tuple[str, ...] = ()
     """Everyday words of the domain (``machine``, ``part``, ``shift``): not enough to put a request on topic, but
-    enough for a task joined to an on-topic one (the embeddings of a small model are too weak to judge short parts
-    alone)."""
+    enough for a task joined to an on-topic one where no classifier judges the parts (``relevance`` ``yesno``)."""
     languages: tuple[str, ...] = ()
     """Languages the persona serves (``en``, ``de``, ``fr``, ``es``, ``it``, ``pt``, ``nl``); a request plainly in
     another is refused with the code ``language``. Empty: any."""
@@ -262,13 +223,15 @@ class Verdict:
     layer: str = ""
     """``input``, ``relevance`` or ``output``."""
     code: str = ""
-    """Reason code: ``injection``, ``role_markers``, ``prompt_extraction``, ``encoded``, ``language``,
-    ``blocked_subject``, ``off_topic``, ``compound``, ``off_topic_answer``, ``prompt_leak``."""
+    """Reason code: ``role_markers``, ``encoded``, ``language``, ``blocked_subject``, ``off_topic``,
+    ``compound``, ``off_topic_answer``, ``prompt_leak``. (Attempts to override the rules or to get the
+    instructions are off topic: the relevance classifier learned them from examples.)"""
     detail: str = ""
     """What matched, for the log. An output check's detail quotes nothing of the answer: an answer may repeat the
     system prompt, and the log carries no text of it."""
     score: float | None = None
-    """The relevance margin, where computed."""
+    """The relevance classifier's probability of on topic (a request), or the margin (a sentence of an answer),
+    where computed."""
 
 
 ALLOW = Verdict(True)
@@ -281,19 +244,16 @@ def neutralize_markers(text: str) -> str:
 
 
 def check_input(text: str, cfg: GuardConfig) -> Verdict:
-    """The cheap rules: role markers, injection phrases (when refused), blocked subjects."""
+    """The cheap rules, each on a property of the text's form, never on words an operator may use: chat-template
+    syntax and encoded or invisible payloads (when ``injection`` is ``refuse``), a language the persona does not
+    serve, the persona's blocked subjects. What a request asks for (another topic, the instructions, another role)
+    is the relevance layer's to judge."""
     if cfg.strictness == "off":
         return ALLOW
     if cfg.injection == "refuse":
         m = ROLE_MARKERS.search(text)
         if m:
             return Verdict(False, "input", "role_markers", f"chat-template marker {m.group(0).strip()!r}")
-        m = INJECTION_MARKERS.search(text) or DRESSED_MARKERS.search(text)
-        if m:
-            return Verdict(False, "input", "injection", f"injection phrase {m.group(0)!r}")
-        m = EXTRACTION_MARKERS.search(text)
-        if m:
-            return Verdict(False, "input", "prompt_extraction", f"asks for the instructions: {m.group(0)!r}")
         kind = encoded_payload(text)
         if kind:
             return Verdict(False, "input", "encoded", f"carries {kind}")
