@@ -40,7 +40,7 @@ COVER_WEIGHT = 0.25
 """What the share of the question's words held by the answer's context adds (fitted; see the module's text)."""
 FOREIGN_WEIGHT = 0.25
 """What the share of the question's words held elsewhere in the documents, not by the answer, takes away."""
-THRESHOLD = 0.6132
+THRESHOLD = 0.6439
 """The score an answer must reach."""
 QUOTE_CHARS = 600
 """Prose quoted for a title stops at the last whole sentence within this many characters (a procedure is whole)."""
