@@ -166,3 +166,30 @@ def test_the_shipped_guard_answers_operators_and_refuses_attacks(embedding_path:
         assert float(np.max(rel.classifier.weights)) != 0.0  # type: ignore[union-attr]
     finally:
         embedder.close()
+
+
+def test_a_persona_answering_from_documents_learns_from_their_sentences(tmp_path: Path) -> None:
+    """The runtime's relevance layers: the index's sentence vectors are on-topic evidence of the personas that
+    answer from the documents, and of no other."""
+    from edge_assistant import app
+    from edge_assistant.knowledge import Retriever, build_index
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "press.md").write_text("# Press brake\n\nThe back gauge is set before each bend.\n\n"
+                                   "Check the clamping of the upper tool every shift.\n")
+    config = load_config(None, {"knowledge": {"paths": [str(docs)], "index": str(tmp_path / "k.sqlite")},
+                                "personas": {"translator": {"knowledge": {"enabled": False}}}})
+    embedder = WordEmbedder()
+    build_index(config.knowledge, embedder)
+    knowledge = Retriever.open(config.knowledge, embedder)
+    try:
+        layers = app.relevance_layers(config, embedder, None, knowledge)
+        without = app.relevance_layers(config, embedder, None, None)
+    finally:
+        knowledge.close()
+    factory = layers["factory"]
+    assert factory.evidence is not None and len(factory.evidence) == len(knowledge.vectors) > 0
+    assert factory.classifier is not None and without["factory"].classifier is not None
+    assert factory.classifier.rows == without["factory"].classifier.rows + len(knowledge.vectors)
+    assert layers["translator"].evidence is None

@@ -104,7 +104,7 @@ def build_runtime(config: Config, the_plan: Plan, engine: Engine, embedder: Llam
                                      for name, p in config.personas.items() if p.adapter})
     if embedder is not None:
         step("embedding the guard's examples")
-    relevance = {name: Relevance(p.guard, embedder, chooser) for name, p in config.personas.items()}
+    relevance = relevance_layers(config, embedder, chooser, knowledge)
     resources: list[Closable] = [engine]
     if embedder is not None:
         resources.append(embedder)
@@ -113,6 +113,16 @@ def build_runtime(config: Config, the_plan: Plan, engine: Engine, embedder: Llam
     return Runtime(config=config, engine=engine, relevance=relevance, knowledge=knowledge, embedder=embedder,
                    model_file=the_plan.choice.info.path.name, quantization=the_plan.choice.info.quantization,
                    profile=the_plan.settings.profile, resources=tuple(resources), adapters=adapters)
+
+
+def relevance_layers(config: Config, embedder: LlamaEmbedder | None, chooser: Chooser | None,
+                     knowledge: Retriever | None) -> dict[str, Relevance]:
+    """Each persona's relevance layer. A persona that answers from the documents learns from their sentences (the
+    index's vectors, from the same sentence-embedding model) as on-topic evidence: what they talk about is on
+    topic."""
+    evidence = knowledge.vectors if knowledge is not None and knowledge.dense else None
+    return {name: Relevance(p.guard, embedder, chooser, evidence=evidence if p.knowledge.enabled else None)
+            for name, p in config.personas.items()}
 
 
 def open_knowledge(config: Config, embedder: LlamaEmbedder | None = None, reindex: bool = True,

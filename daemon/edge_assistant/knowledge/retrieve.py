@@ -87,6 +87,12 @@ class Retriever:
         """Whether questions are ranked by meaning too (an embedder and an index with vectors)."""
         return self._embedder is not None and len(self._vectors) > 0
 
+    @property
+    def vectors(self) -> npt.NDArray[np.float32]:
+        """The sentence vectors of the indexed units (titles, sentences, steps, rows), one row each (none without
+        vectors): what the documents talk about, on-topic evidence for the guard's relevance classifier."""
+        return self._vectors
+
     @classmethod
     def open(cls, cfg: KnowledgeConfig, embedder: Embedder | None = None) -> Retriever:
         """The retriever of the configured index."""
