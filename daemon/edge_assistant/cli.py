@@ -1,4 +1,4 @@
-"""Command line: ``edge-assistant detect | models | generate | prepare | run | ask | listen | knowledge``."""
+"""Command line: ``edge-assistant detect | models | generate | prepare | run | ask | chat | listen | knowledge``."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import app, logsafe
+from . import app, followup, logsafe
 from .config import Config, config_path_from_env, load_config
+from .conversations import Turn, read_conversation
 from .errors import EdgeError
 from .hardware import HardwareInfo
-from .knowledge import Retriever, build_index, choose
+from .knowledge import Choice, Found, Retriever, build_index, choose
 from .messages import Reply, Request
 from .models import MIB
 from .profiles import Settings
@@ -225,41 +226,120 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(config, path)
 
 
+class _Asker:
+    """Requests to a running daemon over MQTT, as ``ask`` and ``chat`` send them: to the device's request topic
+    (and persona), each with a reply topic of its own under the allowed prefix."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from .mqtt import _password
+        from .protocol import Topics
+
+        config = _config(args)
+        m = config.mqtt
+        self.mqtt = m
+        self.topics = Topics(m.prefix, args.device or config.device)
+        self.topic = self.topics.request + (f"/{args.persona}" if args.persona else "")
+        self.host, self.port = args.host or m.host, args.port or m.port
+        self.timeout = args.timeout
+        self.password = _password(m.password_file, m.password_env) if m.username else None
+
+    def __call__(self, body: dict[str, Any], on_chunk: Any = None) -> dict[str, Any]:
+        import uuid
+
+        from .askclient import ask
+
+        reply_topic = f"{self.mqtt.response_prefix or self.mqtt.prefix + '/'}{self.topics.device}/reply/" \
+                      f"{uuid.uuid4().hex[:12]}"
+        body = {**body, "id": uuid.uuid4().hex[:12]}
+        return ask(self.host, self.port, self.topic, reply_topic, body, on_chunk=on_chunk, timeout_s=self.timeout,
+                   username=self.mqtt.username, password=self.password)
+
+
+def _show(reply: dict[str, Any], show: _Printer) -> None:
+    """A reply as ``ask`` prints it: the answer (streamed already, unless refused), its sources, an error line."""
+    if not show.shown:
+        sys.stdout.write(str(reply.get("text", "")))  # a refusal is not streamed
+    sys.stdout.write("\n")
+    print_sources(reply)
+    if reply.get("status") != "ok":
+        err = reply.get("error") or {}
+        print(f"edge-assistant: {err.get('code', reply.get('status'))}: {err.get('message', '')}", file=sys.stderr)
+    sys.stdout.flush()
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
-    import uuid
-
-    from .askclient import ask
-    from .protocol import Topics
-
-    config = _config(args)
-    m = config.mqtt
-    topics = Topics(m.prefix, args.device or config.device)
-    topic = topics.request + (f"/{args.persona}" if args.persona else "")
-    reply_topic = f"{m.response_prefix or m.prefix + '/'}{topics.device}/reply/{uuid.uuid4().hex[:12]}"
-    body: dict[str, Any] = {"text": args.text, "stream": not args.json, "id": uuid.uuid4().hex[:12]}
+    asker = _Asker(args)
+    body: dict[str, Any] = {"text": args.text, "stream": not args.json}
     if args.max_tokens is not None:
         body["max_tokens"] = args.max_tokens
-
+    if args.conversation:
+        body["conversation"] = args.conversation
+        if args.forget:
+            body["forget"] = True
+    elif args.forget:
+        print("edge-assistant: --forget needs --conversation", file=sys.stderr)
+        return 64
     show = _Printer()
-
-    from .mqtt import _password
-
-    password = _password(m.password_file, m.password_env) if m.username else None
-    reply = ask(args.host or m.host, args.port or m.port, topic, reply_topic, body,
-                on_chunk=None if args.json else show, timeout_s=args.timeout, username=m.username,
-                password=password)
+    reply = asker(body, None if args.json else show)
     if args.json:
         print(json.dumps(reply, ensure_ascii=False, indent=2))
     else:
-        if not show.shown:
-            sys.stdout.write(str(reply.get("text", "")))  # a refusal is not streamed
-        sys.stdout.write("\n")
-        print_sources(reply)
-        if reply.get("status") != "ok":
-            err = reply.get("error") or {}
-            print(f"edge-assistant: {err.get('code', reply.get('status'))}: {err.get('message', '')}",
-                  file=sys.stderr)
+        _show(reply, show)
     return 0 if reply.get("status") == "ok" else 1
+
+
+CHAT_HELP = """Type a question and press Enter; the answer streams, its sources under it.
+  /forget   start the conversation over (the next question names its own subject)
+  /bye      leave (also Ctrl-D)
+  /?        this help"""
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive conversation with a running daemon, in the spirit of ``ollama run``: a prompt, the answer as
+    it streams with its sources under it, every question a turn of one conversation."""
+    import uuid
+
+    from .errors import AskError
+
+    asker = _Asker(args)
+    conversation = args.conversation or f"chat-{uuid.uuid4().hex[:12]}"
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    print(f"Conversation {conversation} with {asker.topics.device}. /? for help, /bye to leave.", flush=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/bye", "/exit", "/quit"):
+            return 0
+        if text in ("/?", "/help"):
+            print(CHAT_HELP, flush=True)
+            continue
+        body: dict[str, Any] = {"conversation": conversation, "stream": True}
+        if text == "/forget":
+            body["forget"] = True
+        elif text.startswith("/"):
+            print(f"Unknown command {text.split()[0]!r}. /? for help.", flush=True)
+            continue
+        else:
+            body["text"] = text
+            if args.max_tokens is not None:
+                body["max_tokens"] = args.max_tokens
+        show = _Printer()
+        try:
+            reply = asker(body, show)
+        except AskError as exc:
+            print(f"edge-assistant: {exc.code}: {exc.message}", file=sys.stderr, flush=True)
+            continue
+        if body.get("forget") and reply.get("status") == "ok":
+            print("(Forgotten: the next question starts a new conversation.)", flush=True)
+            continue
+        _show(reply, show)
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -346,7 +426,7 @@ def cmd_knowledge(args: argparse.Namespace) -> int:
             return 0
         retriever = Retriever.open(kcfg, embedder)
         try:
-            return _knowledge_read(args, retriever)
+            return _knowledge_read(args, retriever, config)
         finally:
             retriever.close()
     finally:
@@ -354,7 +434,23 @@ def cmd_knowledge(args: argparse.Namespace) -> int:
             embedder.close()
 
 
-def _knowledge_read(args: argparse.Namespace, retriever: Retriever) -> int:
+def _last_turn(config: Config, name: str) -> tuple[Turn | None, str]:
+    """The last answered turn of conversation ``name`` as the daemon keeps it (read from its file, nothing
+    written), and a line saying what it was about."""
+    directory = config.conversations.directory()
+    conv = read_conversation(directory, name)
+    if conv is None:
+        return None, f"no conversation of that name in {directory}: the question is a first turn"
+    if conv.used <= time.time() - config.conversations.idle_s:
+        return None, f"expired (idle past {config.conversations.idle_s:g} s): the question is a first turn"
+    if not conv.turns:
+        return None, f"{conv.asked} turn(s) asked, none answered: the question is a first turn"
+    last = conv.turns[-1]
+    about = " ".join(followup.subject_words(last)) or "nothing the documents name"
+    return last, f"{conv.asked} turn(s) so far; the last answered one asked {last.question!r}, about: {about}"
+
+
+def _knowledge_read(args: argparse.Namespace, retriever: Retriever, config: Config) -> int:
     """``knowledge list`` and ``knowledge search``: what is indexed, and what a question finds and why."""
     if args.action == "list":
         docs = retriever.documents()
@@ -367,15 +463,37 @@ def _knowledge_read(args: argparse.Namespace, retriever: Retriever) -> int:
         return 0
     text = " ".join(args.text)
     t0 = time.monotonic()
-    found = retriever.find(text, limit=args.limit)
-    choice = choose(found, retriever.dense, retriever.min_coverage)
+    plan: followup.Plan | None = None
+    said = ""
+    if args.conversation:
+
+        def look(query: str) -> tuple[Found, Choice | None]:
+            f = retriever.find(query, limit=args.limit)
+            return f, choose(f, retriever.dense, retriever.min_coverage)
+
+        previous, said = _last_turn(config, args.conversation)
+        plan = followup.plan(text, previous, look)
+        found, choice = plan.found, plan.choice
+    else:
+        found = retriever.find(text, limit=args.limit)
+        choice = choose(found, retriever.dense, retriever.min_coverage)
     ms = (time.monotonic() - t0) * 1000
     answered = choice is not None and choice.supported
     if args.json:
-        print(json.dumps({"query": text, "ms": round(ms, 2), "covered": answered,
-                          "choice": asdict(choice) if choice is not None else None,
-                          "passages": [asdict(p) for p in found.passages]}, ensure_ascii=False, indent=2))
+        out: dict[str, Any] = {"query": text, "ms": round(ms, 2), "covered": answered,
+                               "choice": asdict(choice) if choice is not None else None,
+                               "passages": [asdict(p) for p in found.passages]}
+        if plan is not None:
+            out["follow_up"] = {"conversation": args.conversation, "last_turn": said, "carried": list(plan.carried),
+                                "query": plan.query, "why": plan.why, "alone_score": plan.alone_score,
+                                "carried_score": plan.carried_score}
+        print(json.dumps(out, ensure_ascii=False, indent=2))
         return 0
+    if plan is not None:
+        print(f"Conversation {args.conversation!r}: {said}")
+        print(f"  carried over: {' '.join(plan.carried) if plan.carried else 'nothing'}")
+        print(f"  why: {plan.why}")
+        print(f"  retrieved with: {plan.query}\n")
     how = "by meaning and words" if retriever.dense else "by words only (no sentence vectors)"
     print(f"{len(found.passages)} passage(s) in {ms:.1f} ms, {how}")
     if choice is None:
@@ -439,8 +557,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--conversation", help="continue this conversation (1 to 64 characters of your choice)")
+    p.add_argument("--forget", action="store_true", help="end the --conversation before asking")
     p.add_argument("--json", action="store_true", help="print the whole reply as JSON")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("chat", help="talk with a running daemon over MQTT: one conversation, answers streamed "
+                                    "with their sources; /forget, /bye")
+    p.add_argument("--conversation", help="the conversation's name (default: a new one)")
+    p.add_argument("--persona")
+    p.add_argument("--device", help="device id of the daemon (default: this host's)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("listen", help="voice from a WAV file: recognize, answer, speak into a WAV file")
     p.add_argument("--wav", required=True, help="speech to recognize")
@@ -469,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = ksub.add_parser("search", help="the passages a question finds, with their scores and why")
     k.add_argument("text", nargs="+", help="the question")
     k.add_argument("--limit", type=int, default=5, help="passages to show")
+    k.add_argument("--conversation", help="as a follow-up in this conversation of the daemon: shows what of its "
+                                          "last turn is carried over, and why")
     k.add_argument("--json", action="store_true")
     for k in ksub.choices.values():
         k.set_defaults(func=cmd_knowledge)
