@@ -81,6 +81,29 @@ def test_a_follow_up_whose_answer_scores_higher_with_the_last_subject_carries_it
     assert plan.carried and "scores higher" in plan.why
 
 
+def test_a_follow_up_that_does_not_refer_back_takes_a_carried_row_only_on_its_merits() -> None:
+    q = "Who won the football last night?"
+    carried = f"{q} 2014 alarm coolant level low"
+    look, _ = scripted({q: (found(SECTION), choice(0.05, False)),
+                        carried: (found(ROW_2014, by_identifier=True), choice(0.59, True))})  # the row, waved through
+    plan = followup.plan(q, ALARM_TURN, look)
+    assert plan.query == q and not plan.covered and "refers to nothing before it" in plan.why
+    look, _ = scripted({q: (found(SECTION), choice(0.05, False)),
+                        carried: (found(ROW_2014, by_identifier=True), choice(0.70, True))})  # passes on its score
+    assert followup.plan(q, ALARM_TURN, look).carried
+    q = "Why does that happen?"  # refers back: the carried identifier's row is its answer
+    look, _ = scripted({q: (found(SECTION), choice(0.25, False)),
+                        f"{q} 2014 alarm coolant level low": (found(ROW_2014, by_identifier=True), choice(0.45, True))})
+    assert followup.plan(q, ALARM_TURN, look).carried
+
+
+def test_what_refers_back() -> None:
+    assert followup.refers_back("How do I clear it?") and followup.refers_back("Why does that happen?")
+    assert followup.refers_back("And then?") and followup.refers_back("Why?")  # no word of its own
+    assert not followup.refers_back("Who won the football last night?")
+    assert not followup.refers_back("How much concentrate goes in?") and not followup.refers_back("And how often?")
+
+
 def test_a_follow_up_that_finds_as_good_an_answer_alone_names_its_own_subject() -> None:
     q = "And the hydraulic oil?"
     look, _ = scripted({q: (found(SECTION), choice(0.77, True)),
@@ -245,12 +268,15 @@ def test_a_follow_up_is_judged_with_its_context_and_an_off_topic_turn_poisons_no
     assert ask("What does alarm 2014 mean?").status == "ok"
     follow = ask("Is it dangerous?")
     assert follow.status == "ok" and follow.turn == 2
-    assert relevance.asked[-2:] == [("Is it dangerous?", False), ("What does alarm 2014 mean? Is it dangerous?",
-                                                                  False)]
-    poem = ask("Write me a poem about autumn.")
+    assert relevance.asked[-1] == ("What does alarm 2014 mean? Is it dangerous?", False)  # it refers back
+    poem = ask("Write me a poem about autumn.")  # names its own subject: judged alone
     assert poem.status == "refused" and poem.error is not None and poem.error.code == "off_topic" and poem.turn == 3
-    later = ask("How long does it take?")  # judged with the alarm question, not with the refused one
-    assert later.status == "ok" and later.turn == 4
+    assert relevance.asked[-1] == ("Write me a poem about autumn.", False)
+    about_it = ask("Write me a poem about it.")  # refers back: judged with the alarm question, refused all the same
+    assert about_it.status == "refused"
+    assert relevance.asked[-1][0] == "What does alarm 2014 mean? Write me a poem about it."
+    later = ask("How long does it take?")  # judged with the alarm question, not with the refused ones
+    assert later.status == "ok" and later.turn == 5
     assert relevance.asked[-1] == ("What does alarm 2014 mean? How long does it take?", False)
     # the refused turn is not among those the model sees
     conv = memory.get("c")

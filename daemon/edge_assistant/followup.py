@@ -15,9 +15,14 @@ the carried one. Otherwise it **continues the last turn's subject** when the car
 "How do I clear it?" alone finds nothing the check supports; with ``2014 alarm coolant level low`` it finds alarm
 2014's row. A question the documents answer neither way stays alone: they do not cover it.
 
-Carrying an identifier finds that identifier's passages whatever the question asks ("What's the weather tomorrow?"
-after an alarm question finds the alarm's row), so the pipeline judges the topic of a question whose subject was
-carried by the question with the previous one before it, as a whole, not as covered by the documents.
+Whether a question **refers back** (``refers_back``) is a property of its words: it holds a pronoun or demonstrative
+that stands for something said before (``it``, ``that``, ``them``, ... from the Snowball stop-word list), or no word
+of its own at all ("And how often?"). A carried identifier finds that identifier's row whatever the question asks,
+and the row is supported for a question that names the identifier. So a follow-up that refers back may take the
+row as its answer ("Why does that happen?"), but one that does not ("Who won the football last night?") takes a
+carried answer only when the answer passes the check on its own score (``supported_on_merit``). The topic check
+uses the same property (``pipeline``): a question that refers back is judged together with the question before it,
+any other alone.
 
 ``Plan.why`` says which it was, with both scores; ``knowledge search --conversation`` prints it.
 """
@@ -30,8 +35,9 @@ from dataclasses import dataclass
 
 from .conversations import MAX_ITEMS, Turn
 from .knowledge import Choice, Found, identifiers_in, normalize_id
+from .knowledge.answer import THRESHOLD
 from .messages import Passage
-from .text import STOPWORDS, content_words, stem
+from .text import STOPWORDS, content_words, stem, words
 
 Look = Callable[[str], tuple[Found, Choice | None]]
 """Retrieve a query and choose its answer: ``Retriever.find`` then ``knowledge.choose``."""
@@ -66,6 +72,28 @@ class Plan:
         return self.choice is not None and self.choice.supported
 
 
+REFERRING = frozenset({"it", "its", "itself", "they", "them", "their", "theirs", "themselves", "this", "that",
+                       "these", "those"})
+"""Third-person pronouns and demonstratives of the Snowball stop-word list: words that stand for something said
+before."""
+
+
+def refers_back(question: str) -> bool:
+    """Whether ``question`` leans on what was said before: it holds a word of ``REFERRING``, or no content word of
+    its own ("Why?", "And how often?")."""
+    return bool(REFERRING.intersection(words(question))) or not content_words(question)
+
+
+def supported_on_merit(choice: Choice | None, dense: bool, min_coverage: float) -> bool:
+    """Whether an answer passes the check by its own measures, as the check judges a question that names no
+    identifier: an identifier's row is not supported for being the carried identifier's row."""
+    if choice is None:
+        return False
+    if dense:
+        return choice.score >= THRESHOLD
+    return choice.cover >= min_coverage and choice.foreign == 0
+
+
 def subject_words(turn: Turn) -> list[str]:
     """The words that say what ``turn`` was about: its identifiers, then its subject terms; no repeats (by stem), at
     most ``MAX_CARRIED``."""
@@ -92,9 +120,10 @@ def title_of(passage: Passage) -> str:
     return ""
 
 
-def plan(question: str, previous: Turn | None, look: Look) -> Plan:
+def plan(question: str, previous: Turn | None, look: Look, dense: bool = True, min_coverage: float = 0.5) -> Plan:
     """Retrieve ``question`` alone, or with the subject of ``previous`` (the last answered turn), as the module's
-    text says; deterministic for the same documents and the same turn."""
+    text says; deterministic for the same documents and the same turn. ``dense`` and ``min_coverage``: how the
+    retriever's answer check judges (``supported_on_merit``)."""
     found, choice = look(question)
     alone = _score(choice)
     if previous is None:
@@ -112,7 +141,9 @@ def plan(question: str, previous: Turn | None, look: Look) -> Plan:
     c_found, c_choice = look(query)
     carried = _score(c_choice)
     alone_ok = choice is not None and choice.supported
-    carried_ok = c_choice is not None and c_choice.supported
+    leans = refers_back(question)
+    carried_ok = (c_choice is not None and c_choice.supported if leans
+                  else supported_on_merit(c_choice, dense, min_coverage))
     said = (f"(alone: {_verdict(choice)}, score {_fmt(alone)}; with the last turn's subject: {_verdict(c_choice)}, "
             f"score {_fmt(carried)})")
     if carried_ok and (not alone_ok or (carried or 0.0) > (alone or 0.0)):
@@ -121,6 +152,9 @@ def plan(question: str, previous: Turn | None, look: Look) -> Plan:
         return Plan(query, c_found, c_choice, tuple(words), why + said, alone, carried)
     if alone_ok:
         why = "names its own subject: alone it finds an answer that scores as high as with the last turn's subject "
+    elif not leans and c_choice is not None and c_choice.supported:
+        why = ("names its own subject and refers to nothing before it: the last turn's subject finds only its own "
+               "passages, not an answer on its measures; retrieved alone ")
     else:
         why = "finds no answer, alone or with the last turn's subject: retrieved alone "
     return Plan(question, found, choice, why=why + said, alone_score=alone, carried_score=carried)

@@ -167,12 +167,14 @@ def _continue(rt: Runtime, request: Request, memory: Conversations, on_text: Cal
 
 
 def _turn_of(request: Request, reply: Reply, ctx: Context, notes: _Notes) -> Turn:
-    """The answered turn as it is remembered: what it was about is the last turn's subject when it continued it,
+    """The answered turn as it is remembered: what it was about is the last turn's subject when it continued it
+    (its subject was carried; without documents, it referred back and was judged with the question before it),
     else what its own question named (``followup.subject_of``)."""
     plan = notes.plan
     previous = ctx.previous
     sources = tuple((s.document, s.location) for s in reply.sources)
-    if previous is not None and ((plan is not None and plan.carried) or notes.leaned):
+    continues = bool(plan.carried) if plan is not None else notes.leaned
+    if previous is not None and continues:
         return Turn(request.text, reply.text, sources, previous.identifiers, previous.terms,
                     previous.subject_question)
     if plan is not None:
@@ -217,7 +219,7 @@ def _answer(rt: Runtime, request: Request, on_text: Callable[[str], None] | None
                     f = retriever.find(text, limit=persona.knowledge.passages)
                     return f, choose(f, retriever.dense, retriever.min_coverage)
 
-                plan = followup.plan(query, ctx.previous, look)
+                plan = followup.plan(query, ctx.previous, look, retriever.dense, retriever.min_coverage)
                 found, choice = plan.found, plan.choice
                 log.info("request %s: %s", request.id or "-", plan.why, extra={"REQUEST_ID": request.id})
             else:
@@ -343,23 +345,17 @@ def _relevant(relevance: Relevance, text: str, covered: bool, ctx: Context | Non
     """The relevance check of a request; in a conversation, with its context where the question leans on it. Also
     whether the verdict took the context (the question continues that subject).
 
-    The context is the question that named the subject of the last answered turn ("What does alarm 2014 mean?",
-    also after "How do I clear it?"), put before this one. A question whose subject was carried from the last turn
-    is judged in that context, as a whole (the documents covered the carried subject, not necessarily what this
-    question asks: "Write me a poem" after an alarm question is still refused). Any other follow-up is judged as a
-    request alone, and a refusal there once more in context ("Is it dangerous?" after an alarm question). A refused
-    turn is never a context, so it leaves later turns as they were."""
+    A follow-up that refers back (``followup.refers_back``: "Is it dangerous?", "And how often?") is judged
+    together with the question that named the subject of the last answered turn ("What does alarm 2014 mean?", also
+    after "How do I clear it?"), as a whole where its subject was carried (the documents covered the carried
+    subject, not what this question asks: "Write me a poem about it" is still refused). Any other question names its
+    own subject, and is judged alone, as a request outside a conversation is ("Who won the football last night?").
+    A refused turn is never a context, so it leaves later turns as they were."""
     previous = ctx.previous if ctx is not None else None
-    if previous is None:
+    if previous is None or not followup.refers_back(text):
         return relevance.check(text, covered=covered), False
-    in_context = f"{previous.subject_question} {text}"
-    if plan is not None and plan.carried:
-        return relevance.check(in_context, covered=False), True
-    verdict = relevance.check(text, covered=covered)
-    if verdict.allowed or covered:
-        return verdict, False
-    again = relevance.check(in_context, covered=False)
-    return (again, True) if again.allowed else (verdict, False)
+    carried = plan is not None and bool(plan.carried)
+    return relevance.check(f"{previous.subject_question} {text}", covered=covered and not carried), True
 
 
 def _fits(engine: Generator, messages: list[Message], max_tokens: int) -> bool:
