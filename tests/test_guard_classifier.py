@@ -112,7 +112,7 @@ def test_the_joined_tasks_threshold_is_chosen_on_clauses_of_on_topic_rows_out_of
     split = [(i, c) for i, e in enumerate(ex) if e.on for c in clauses(e.text)]
     parts = emb.embed([c for _, c in split]).astype(np.float64)
     _, part_oof = rm.out_of_fold(x, y, rm.balanced_weights(y), 0, parts=parts, part_rows=[i for i, _ in split])
-    for name, share in rm.FALSE_REFUSALS.items():
+    for name, share in rm.PART_FALSE_REFUSALS.items():
         assert clf.part_thresholds[name] == rm.threshold_for(part_oof, share)
     assert clf.part_thresholds != clf.thresholds
     # the clauses are inputs: the cached classifier is the one trained with them
