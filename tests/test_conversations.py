@@ -15,6 +15,10 @@ from edge_assistant.config import ConversationsConfig, load_config
 from edge_assistant.conversations import Conversations, Turn, digest_of, file_name, read_conversation
 from edge_assistant.errors import BadRequestError, ConfigError
 from edge_assistant.messages import Reply
+from edge_assistant.mqtt import MqttService
+from edge_assistant.scheduler import Scheduler
+
+from fakes import FakeClient, FakeEngine, FakeMessage, FakeProps, fake_config, fake_runtime
 
 
 class Clock:
@@ -245,3 +249,26 @@ def test_a_refused_request_echoes_its_conversation_where_it_is_valid() -> None:
     assert protocol.salvage_conversation(json.dumps({"conversation": "x" * 65}).encode(), 4096) == ""
     assert protocol.salvage_conversation(b'{"conversation": 5}', 4096) == ""
     assert protocol.salvage_conversation(b"not json", 4096) == ""
+
+
+def test_replies_from_outside_the_pipeline_echo_the_conversation_too() -> None:
+    """An internal error (the scheduler's reply) and a bad request (the transport's) name the conversation, where
+    the request named a valid one, so a panel can put the reply in its place."""
+    engine = FakeEngine()
+    engine.fail_on = "explode"
+    config = fake_config(device_id="dev1", mqtt={"enabled": True, "discovery": False})
+    scheduler = Scheduler(fake_runtime(engine, config))
+    scheduler.start()
+    client = FakeClient()
+    service = MqttService(config, scheduler, make_client=lambda: client)  # type: ignore[arg-type,return-value]
+    try:
+        for mid, body in enumerate(({"text": "please explode", "conversation": "p7"},
+                                    {"text": "hi", "conversation": "p7", "max_tokens": 0}), 1):
+            msg = FakeMessage("edge/dev1/request", json.dumps(body).encode(), mid, 1, FakeProps("edge/dev1/reply/t"))
+            service._on_message(client, None, msg)  # type: ignore[arg-type]
+        client.wait(lambda: len(client.acks) >= 2)
+        finals = [json.loads(p.payload) for p in client.on("edge/dev1/reply/t")]
+        assert sorted((b["error"]["code"], b["conversation"]) for b in finals) == [("bad_request", "p7"),
+                                                                                   ("internal", "p7")]
+    finally:
+        scheduler.stop(grace_s=1)
