@@ -11,7 +11,7 @@ from .config import Config
 from .cpuload import ThreadGovernor
 from .engine import Engine, LlamaEmbedder, Runner
 from .errors import ModelCorruptError, ModelMissingError
-from .guard import Chooser, Relevance
+from .guard import Chooser, Embedder, Relevance
 from .hardware import HardwareInfo, detect
 from .knowledge import Retriever, build_index
 from .models import ModelChoice, choose, expected_sha256, inspect, scan, verify
@@ -115,7 +115,7 @@ def build_runtime(config: Config, the_plan: Plan, engine: Engine, embedder: Llam
                    profile=the_plan.settings.profile, resources=tuple(resources), adapters=adapters)
 
 
-def relevance_layers(config: Config, embedder: LlamaEmbedder | None, chooser: Chooser | None,
+def relevance_layers(config: Config, embedder: Embedder | None, chooser: Chooser | None,
                      knowledge: Retriever | None) -> dict[str, Relevance]:
     """Each persona's relevance layer. A persona that answers from the documents learns from their sentences (the
     index's vectors, from the same sentence-embedding model) as on-topic evidence: what they talk about is on
