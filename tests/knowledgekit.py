@@ -6,9 +6,10 @@ is a fictional Kestrel PL-40 palletising cell: a fault list (CSV, semicolons), a
 operating manual (PDF). Three later sets add Word, Excel and HTML documents: an injection moulding machine
 (``knowledge_hm220``), a bottle filling and capping monobloc (``knowledge_fc24``) and a steam boiler
 (``knowledge_ksb25``); two more, a water-cooled chiller (``knowledge_rc60``) and a hydraulic press brake
-(``knowledge_pb13``), add a plain text document. A set's binary documents are kept as text sources beside
-``docs/`` and built by ``make_documents``: ``NAME.pdf.txt``, ``NAME.docx.md`` and ``NAME.xlsx.csv`` become
-``NAME.pdf``, ``NAME.docx`` and ``NAME.xlsx``.
+(``knowledge_pb13``), add a plain text document; and two more, a screw air compressor station with its dryer and
+receiver (``knowledge_sc75``) and a gas-fired powder curing oven (``knowledge_ov30``), are written the same way.
+A set's binary documents are kept as text sources beside ``docs/`` and built by ``make_documents``:
+``NAME.pdf.txt``, ``NAME.docx.md`` and ``NAME.xlsx.csv`` become ``NAME.pdf``, ``NAME.docx`` and ``NAME.xlsx``.
 """
 
 from __future__ import annotations
@@ -66,12 +67,14 @@ def write_pdf(pages: list[list[str]], path: Path) -> Path:
 
 SETS = {"vmc850": DATA, "pl40": DATA.parent / "knowledge_pl40", "hm220": DATA.parent / "knowledge_hm220",
         "fc24": DATA.parent / "knowledge_fc24", "ksb25": DATA.parent / "knowledge_ksb25",
-        "rc60": DATA.parent / "knowledge_rc60", "pb13": DATA.parent / "knowledge_pb13"}
+        "rc60": DATA.parent / "knowledge_rc60", "pb13": DATA.parent / "knowledge_pb13",
+        "sc75": DATA.parent / "knowledge_sc75", "ov30": DATA.parent / "knowledge_ov30"}
 """The labelled document sets: the machining centre (the first, with the daemon's own tests), and a palletising
 cell written later, after the first set's tuning, to see how the settings carry over to documents they were not
 chosen on; then an injection moulding machine, a bottle filler and capper and a steam boiler, whose documents
-include Word, Excel and HTML and whose questions are partly in an operator's own words (``phrasing``); and two more
-written the same way on kinds of machine none of the others is: a water-cooled chiller and a press brake."""
+include Word, Excel and HTML and whose questions are partly in an operator's own words (``phrasing``); and four more
+written the same way on kinds of machine none of the others is: a water-cooled chiller, a press brake, a screw air
+compressor with its dryer and receiver, and a gas-fired curing oven."""
 PDF_SOURCES = {"safety_sheet.txt": "safety.pdf", "operating_manual.txt": "operating_manual.pdf"}
 """Text files of the first two sets written as PDFs, one page per ``\\f`` line (later sets name theirs
 ``NAME.pdf.txt``)."""

@@ -15,7 +15,7 @@ from pypdf import PdfReader
 
 from knowledgekit import SETS, built_sources, make_documents, questions
 
-LATER = ["hm220", "fc24", "ksb25", "rc60", "pb13"]
+LATER = ["hm220", "fc24", "ksb25", "rc60", "pb13", "sc75", "ov30"]
 """The sets written with operator phrasing and a ``dev``/``holdout`` split by hash."""
 
 
