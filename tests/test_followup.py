@@ -13,6 +13,7 @@ from edge_assistant import followup
 from edge_assistant.conversations import Conversations, Turn
 from edge_assistant.guard import ALLOW, Relevance, Verdict
 from edge_assistant.knowledge import Choice, Found
+from edge_assistant.knowledge.answer import THRESHOLD as T
 from edge_assistant.knowledge.units import Unit
 from edge_assistant.messages import Generation, Message, Passage, Request, Sampling
 from edge_assistant.pipeline import Runtime, handle
@@ -61,21 +62,21 @@ def test_the_first_turn_is_retrieved_alone() -> None:
 
 def test_a_follow_up_that_finds_nothing_alone_carries_the_last_subject() -> None:
     look, asked = scripted({
-        "How do I clear it?": (found(SECTION), choice(0.47, False)),
-        CARRIED: (found(ROW_2014, by_identifier=True), choice(0.53, True)),
+        "How do I clear it?": (found(SECTION), choice(T - 1.0, False)),
+        CARRIED: (found(ROW_2014, by_identifier=True), choice(T - 0.5, True)),
     })
     plan = followup.plan("How do I clear it?", ALARM_TURN, look)
     assert asked == ["How do I clear it?", CARRIED]
     assert plan.query == CARRIED and plan.carried == ("2014", "alarm", "coolant", "level", "low")
     assert plan.found.passages == (ROW_2014,) and plan.covered
     assert plan.why.startswith("continues the last turn's subject: alone it finds no answer")
-    assert "score 0.470" in plan.why and "score 0.530" in plan.why
+    assert f"score {T - 1.0:.3f}" in plan.why and f"score {T - 0.5:.3f}" in plan.why
 
 
 def test_a_follow_up_whose_answer_scores_higher_with_the_last_subject_carries_it() -> None:
     look, _ = scripted({
-        "What gloves do I wear for that?": (found(SECTION), choice(0.70, True)),
-        "What gloves do I wear for that? 2014 alarm coolant level low": (found(ROW_2014), choice(0.88, True)),
+        "What gloves do I wear for that?": (found(SECTION), choice(T + 0.5, True)),
+        "What gloves do I wear for that? 2014 alarm coolant level low": (found(ROW_2014), choice(T + 1.5, True)),
     })
     plan = followup.plan("What gloves do I wear for that?", ALARM_TURN, look)
     assert plan.carried and "scores higher" in plan.why
@@ -84,16 +85,18 @@ def test_a_follow_up_whose_answer_scores_higher_with_the_last_subject_carries_it
 def test_a_follow_up_that_does_not_refer_back_takes_a_carried_row_only_on_its_merits() -> None:
     q = "Who won the football last night?"
     carried = f"{q} 2014 alarm coolant level low"
-    look, _ = scripted({q: (found(SECTION), choice(0.05, False)),
-                        carried: (found(ROW_2014, by_identifier=True), choice(0.59, True))})  # the row, waved through
+    look, _ = scripted({q: (found(SECTION), choice(T - 3.0, False)),
+                        # the row, waved through by its identifier, below the check on its own measures
+                        carried: (found(ROW_2014, by_identifier=True), choice(T - 0.3, True))})
     plan = followup.plan(q, ALARM_TURN, look)
     assert plan.query == q and not plan.covered and "refers to nothing before it" in plan.why
-    look, _ = scripted({q: (found(SECTION), choice(0.05, False)),
-                        carried: (found(ROW_2014, by_identifier=True), choice(0.70, True))})  # passes on its score
+    look, _ = scripted({q: (found(SECTION), choice(T - 3.0, False)),
+                        carried: (found(ROW_2014, by_identifier=True), choice(T + 0.5, True))})  # passes on its score
     assert followup.plan(q, ALARM_TURN, look).carried
     q = "Why does that happen?"  # refers back: the carried identifier's row is its answer
-    look, _ = scripted({q: (found(SECTION), choice(0.25, False)),
-                        f"{q} 2014 alarm coolant level low": (found(ROW_2014, by_identifier=True), choice(0.45, True))})
+    look, _ = scripted({q: (found(SECTION), choice(T - 2.0, False)),
+                        f"{q} 2014 alarm coolant level low": (found(ROW_2014, by_identifier=True),
+                                                              choice(T - 1.0, True))})
     assert followup.plan(q, ALARM_TURN, look).carried
 
 
@@ -106,8 +109,8 @@ def test_what_refers_back() -> None:
 
 def test_a_follow_up_that_finds_as_good_an_answer_alone_names_its_own_subject() -> None:
     q = "And the hydraulic oil?"
-    look, _ = scripted({q: (found(SECTION), choice(0.77, True)),
-                        f"{q} 2014 alarm coolant level low": (found(ROW_2014), choice(0.77, True))})
+    look, _ = scripted({q: (found(SECTION), choice(T + 1.0, True)),
+                        f"{q} 2014 alarm coolant level low": (found(ROW_2014), choice(T + 1.0, True))})
     plan = followup.plan(q, ALARM_TURN, look)
     assert plan.query == q and plan.carried == () and plan.why.startswith("names its own subject")
 
@@ -121,8 +124,8 @@ def test_a_follow_up_naming_an_identifier_is_retrieved_alone_known_or_not() -> N
 
 def test_a_follow_up_the_documents_answer_neither_way_stays_alone() -> None:
     q = "What's the weather tomorrow?"
-    look, _ = scripted({q: (found(SECTION), choice(0.20, False)),
-                        f"{q} 2014 alarm coolant level low": (found(ROW_2014), choice(0.51, False))})
+    look, _ = scripted({q: (found(SECTION), choice(T - 2.0, False)),
+                        f"{q} 2014 alarm coolant level low": (found(ROW_2014), choice(T - 0.7, False))})
     plan = followup.plan(q, ALARM_TURN, look)
     assert plan.query == q and not plan.covered and plan.why.startswith("finds no answer")
 

@@ -258,7 +258,8 @@ def test_answers_are_the_documents_own_sentences_with_their_source(kcfg: Knowled
                                                                    embedder: LlamaEmbedder) -> None:
     build_index(kcfg, embedder)
     engine = FakeEngine()
-    config = fake_config(knowledge={"paths": list(kcfg.paths), "index": kcfg.index})
+    config = fake_config(knowledge={"paths": list(kcfg.paths), "index": kcfg.index},
+                         personas={"factory": {"knowledge": {"fallback": "refuse"}}})
     rt = fake_runtime(engine, config)
     rt = type(rt)(**{**rt.__dict__, "knowledge": Retriever.open(kcfg, embedder)})
     reply = handle(rt, Request(text="What gloves do I wear when mixing coolant?", id="g"))
@@ -434,11 +435,17 @@ def test_a_sentence_about_another_thing_of_the_same_kind_does_not_answer() -> No
     """The documents know the cover bolts and the magazine; a question about the magazine's bolts is answered by
     the cover bolts' torque only in kind: the documents do not give it."""
     weights = {"torqu": 2.0, "magazin": 2.0, "bolt": 2.0}
-    got = choose(found({"3. Torque the cover bolts to 12 Nm.": 0.5}, weights), dense=True)
-    assert got is not None and got.foreign > 0 and not got.supported
-    # The same closeness, but the documents never use the third word: it is left to meaning, and the step answers.
-    alike = choose(found({"3. Torque the cover bolts to 12 Nm.": 0.5}, weights, known={"torqu", "bolt"}), dense=True)
-    assert alike is not None and alike.foreign == 0 and alike.supported
+    step = "3. Torque the cover bolts to 12 Nm."
+    flips = []
+    for s in (x / 100 for x in range(101)):
+        got = choose(found({step: s}, weights), dense=True)
+        # The same closeness, but the documents never use the third word: it is left to meaning.
+        alike = choose(found({step: s}, weights, known={"torqu", "bolt"}), dense=True)
+        assert got is not None and alike is not None and got.text == alike.text == step
+        assert got.foreign > 0 and alike.foreign == 0 and got.score < alike.score
+        assert not got.supported or alike.supported  # the foreign word never helps
+        flips.append(alike.supported and not got.supported)
+    assert any(flips)  # and at some closeness it alone decides: the step answers only where no sibling is known
 
 
 def test_without_vectors_the_words_decide() -> None:

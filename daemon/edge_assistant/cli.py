@@ -18,6 +18,7 @@ from .conversations import Turn, read_conversation
 from .errors import EdgeError
 from .hardware import HardwareInfo
 from .knowledge import Choice, Found, Retriever, build_index, choose
+from .knowledge.answer import THRESHOLD
 from .messages import Reply, Request
 from .models import MIB
 from .profiles import Settings
@@ -500,8 +501,9 @@ def _knowledge_read(args: argparse.Namespace, retriever: Retriever, config: Conf
         print("NOT covered: no passage holds any of the question's words")
     else:
         verdict = "answers" if answered else "does NOT answer"
-        print(f"best unit ({choice.unit.kind}) {verdict}: score {choice.score:.3f} = similarity "
-              f"{choice.similarity:.3f} + cover {choice.cover:.2f} - foreign {choice.foreign:.2f} (weighted)")
+        print(f"best unit ({choice.unit.kind}) {verdict}: score {choice.score:.3f} (needs {THRESHOLD:.3f}) from "
+              f"similarity {choice.similarity:.3f}, cover {choice.cover:.2f}, foreign {choice.foreign:.2f}, "
+              f"gap {choice.gap:.3f}, {choice.words} question words")
         print("    " + " ".join(choice.text.split())[:400])
     for i, p in enumerate(found.passages, 1):
         print(f"\n[{i}] {p.document}, {p.location}  match={p.matched} fused={p.score:.4f} "

@@ -16,9 +16,17 @@ Whether the documents answer at all: the nearest unit always exists, so it is ju
   same kind (the motor mount's torque) shows here: the documents know "cooler" and "fan", this sentence does not
   hold them. A word no document holds (an operator's own word) is not foreign: meaning judges it.
 
-The unit answers when ``similarity + COVER_WEIGHT * cover - FOREIGN_WEIGHT * foreign >= THRESHOLD``. The three
-constants were fitted on the development parts of the labelled document sets (``scripts/eval_knowledge --fit``:
-the values that tell answerable from unanswerable questions best there); the README says how.
+- ``gap``: how much closer the unit is than the next closest one. Where the documents hold the answer, one unit
+  stands out; a question the documents match only in general (its words and kind of thing, not the thing) finds
+  several units about as close;
+- ``words``: how many content words the question has. A short question's similarity says less than a long one's.
+
+The unit answers when the check's score, a logistic regression over these five measures
+(``GATE_BIAS + sum(GATE_WEIGHTS[m] * measure)``, ``words`` taken as ``log(1 + words)``), reaches ``THRESHOLD``. The
+weights are learned, not set: ``scripts/eval_knowledge --fit`` trains them on the development parts of the labelled
+document sets (right answers against the rest, the classes weighted equally) and chooses the threshold with the
+highest share of answerable questions answered right plus share of unanswerable ones refused there; it reports the
+same fit with each set left out in turn. The README says how.
 
 Citations are built from the retrieved passages, never from the model's text.
 """
@@ -26,6 +34,7 @@ Citations are built from the retrieved passages, never from the model's text.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,12 +45,12 @@ from .retrieve import Found
 from .units import Unit, row_text, section_of, units_of
 
 EXCERPT_CHARS = 300
-COVER_WEIGHT = 0.25
-"""What the share of the question's words held by the answer's context adds (fitted; see the module's text)."""
-FOREIGN_WEIGHT = 0.25
-"""What the share of the question's words held elsewhere in the documents, not by the answer, takes away."""
-THRESHOLD = 0.6439
-"""The score an answer must reach."""
+GATE_WEIGHTS = {"similarity": 6.2816, "cover": 2.4522, "foreign": -1.7748, "gap": 5.5607, "words": 1.0292}
+"""The check's weight of each measure (learned by ``scripts/eval_knowledge --fit``; see the module's text)."""
+GATE_BIAS = -7.1653
+"""The check's constant term (learned with the weights)."""
+THRESHOLD = -0.2496
+"""The score (log-odds of a right answer) an answer must reach (chosen with the weights)."""
 QUOTE_CHARS = 600
 """Prose quoted for a title stops at the last whole sentence within this many characters (a procedure is whole)."""
 CHOICE_WORDS = 0.5
@@ -67,9 +76,13 @@ class Choice:
     foreign: float
     """The share of the question's words the documents hold but its context does not."""
     score: float
-    """``similarity + COVER_WEIGHT * cover - FOREIGN_WEIGHT * foreign``."""
+    """The check's score: ``GATE_BIAS`` plus each measure times its ``GATE_WEIGHTS`` weight."""
     supported: bool
     """Whether the documents answer the question (``score >= THRESHOLD``)."""
+    gap: float = 0.0
+    """How much closer it is to the question than the next closest unit."""
+    words: int = 0
+    """How many content words the question has."""
 
 
 def choose(found: Found, dense: bool, min_coverage: float = 0.5) -> Choice | None:
@@ -94,15 +107,18 @@ def choose(found: Found, dense: bool, min_coverage: float = 0.5) -> Choice | Non
     # question about compressor 2); when every one does, the closest, judged unsupported.
     answers = ((r, *_answer(r[2], r[3], _closer(found, r[4], total))) for r in ranked)
     first = next(answers)
-    (_, i, unit, units, sims), text, context = next(
+    (key, i, unit, units, sims), text, context = next(
         (a for a in itertools.chain([first], answers) if not names_a_sibling(found.designations, a[2])), first)
+    gap = key[0] - next((r[0][0] for r in ranked if r[0] != key), 0.0)
     # A row named by its identifier is the answer (``answer_from_row``): the first passage, judged the same way.
     sibling = names_a_sibling(found.designations, found.passages[0].text if found.by_identifier else context)
     similarity = sims[unit.position] if unit.position < len(sims) else 0.0
     held = _stems(context)
     cover = _share(found.weights, held) / total
     foreign = _share({s: w for s, w in found.weights.items() if s in found.known}, set(found.weights) - held) / total
-    score = similarity + COVER_WEIGHT * cover - FOREIGN_WEIGHT * foreign
+    measures = {"similarity": similarity, "cover": cover, "foreign": foreign, "gap": gap,
+                "words": math.log1p(len(found.weights))}
+    score = GATE_BIAS + sum(GATE_WEIGHTS[m] * v for m, v in measures.items())
     if sibling or found.unknown_identifier:
         supported = False
     elif found.by_identifier:
@@ -112,7 +128,7 @@ def choose(found: Found, dense: bool, min_coverage: float = 0.5) -> Choice | Non
     else:
         supported = cover >= min_coverage and foreign == 0
     return Choice(text, i, unit, round(similarity, 4), round(cover, 4), round(foreign, 4), round(score, 4),
-                  supported)
+                  supported, round(gap, 4), len(found.weights))
 
 
 def _answer(unit: Unit, units: list[Unit], closeness: Callable[[Unit], float]) -> tuple[str, str]:
