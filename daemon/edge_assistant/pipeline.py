@@ -228,6 +228,10 @@ def _answer(rt: Runtime, request: Request, on_text: Callable[[str], None] | None
             if choice is not None and choice.supported:
                 passages = list(found.passages)
             retrieval_ms = round((time.monotonic() - t0) * 1000, 2)
+            # An identifier is an exact reference to the plant's data (an alarm code, a part number): one that no
+            # document holds is answered by the documents' silence, before any judgement of the words around it.
+            if found.unknown_identifier and not passages and persona.knowledge.fallback == "refuse":
+                return _not_in_documents(request, persona_name, persona, retrieval_ms)
         if notes is not None:
             notes.plan = plan
         covered = bool(passages)  # the documents widen the domain: what they cover is on topic
