@@ -16,9 +16,10 @@ Whether the documents answer at all: the nearest unit always exists, so it is ju
   same kind (the motor mount's torque) shows here: the documents know "cooler" and "fan", this sentence does not
   hold them. A word no document holds (an operator's own word) is not foreign: meaning judges it.
 
-- ``gap``: how much closer the unit is than the next closest one. Where the documents hold the answer, one unit
-  stands out; a question the documents match only in general (its words and kind of thing, not the thing) finds
-  several units about as close;
+- ``gap``: how much closer the unit is than the closest unit of any other passage. Where the documents hold the
+  answer, one place stands out; a question the documents match only in general (its words and kind of thing, not
+  the thing) finds several places about as close. (Units of the same passage are not compared: a title and the
+  sentences under it are one answer.)
 - ``words``: how many content words the question has. A short question's similarity says less than a long one's.
 
 The unit answers when the check's score, a logistic regression over these five measures
@@ -45,11 +46,11 @@ from .retrieve import Found
 from .units import Unit, row_text, section_of, units_of
 
 EXCERPT_CHARS = 300
-GATE_WEIGHTS = {"similarity": 6.2816, "cover": 2.4522, "foreign": -1.7748, "gap": 5.5607, "words": 1.0292}
+GATE_WEIGHTS = {"similarity": 5.7509, "cover": 2.3341, "foreign": -1.0643, "gap": 4.8099, "words": 1.1085}
 """The check's weight of each measure (learned by ``scripts/eval_knowledge --fit``; see the module's text)."""
-GATE_BIAS = -7.1653
+GATE_BIAS = -7.1195
 """The check's constant term (learned with the weights)."""
-THRESHOLD = -0.2496
+THRESHOLD = -0.5576
 """The score (log-odds of a right answer) an answer must reach (chosen with the weights)."""
 QUOTE_CHARS = 600
 """Prose quoted for a title stops at the last whole sentence within this many characters (a procedure is whole)."""
@@ -80,7 +81,7 @@ class Choice:
     supported: bool
     """Whether the documents answer the question (``score >= THRESHOLD``)."""
     gap: float = 0.0
-    """How much closer it is to the question than the next closest unit."""
+    """How much closer it is to the question than the closest unit of another passage."""
     words: int = 0
     """How many content words the question has."""
 
@@ -109,7 +110,7 @@ def choose(found: Found, dense: bool, min_coverage: float = 0.5) -> Choice | Non
     first = next(answers)
     (key, i, unit, units, sims), text, context = next(
         (a for a in itertools.chain([first], answers) if not names_a_sibling(found.designations, a[2])), first)
-    gap = key[0] - next((r[0][0] for r in ranked if r[0] != key), 0.0)
+    gap = key[0] - next((r[0][0] for r in ranked if r[1] != i), 0.0)
     # A row named by its identifier is the answer (``answer_from_row``): the first passage, judged the same way.
     sibling = names_a_sibling(found.designations, found.passages[0].text if found.by_identifier else context)
     similarity = sims[unit.position] if unit.position < len(sims) else 0.0
