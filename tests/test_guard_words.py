@@ -163,6 +163,9 @@ def test_the_shipped_guard_answers_operators_and_refuses_attacks(embedding_path:
         ]:
             verdict = judge(attack, cfg, rel)
             assert not verdict.allowed and verdict.code in ("off_topic", "compound"), (attack, verdict)
+        # The persona's allowed subjects are the domain's own terms: a question about one passes.
+        for term in ("What is takt time?", "Explain kanban.", "What does 5S mean?"):
+            assert judge(term, cfg, rel).allowed, term
         assert float(np.max(rel.classifier.weights)) != 0.0  # type: ignore[union-attr]
     finally:
         embedder.close()

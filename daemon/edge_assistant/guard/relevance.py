@@ -137,8 +137,10 @@ class Relevance:
                 if cache is None:
                     embedder_cache = getattr(self.embedder, "cache_path", None)
                     cache = embedder_cache.parent if isinstance(embedder_cache, Path) else None
-                self.classifier = build(self.embedder, [*corpus, *persona_examples(self.cfg.on_topic,
-                                                                                    self.cfg.off_topic)],
+                # The allowed subjects are the persona's own statement of its domain ("takt time", "QA"): on-topic
+                # examples as its questions are, so that the trade's terms are learned as well as its sentences.
+                on_topic = [*self.cfg.on_topic, *self.cfg.allowed_subjects]
+                self.classifier = build(self.embedder, [*corpus, *persona_examples(on_topic, self.cfg.off_topic)],
                                         self.evidence, cache, clauses=_joined_tasks)
 
     @property
