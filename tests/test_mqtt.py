@@ -275,8 +275,8 @@ def test_full_queue_says_busy(broker: Broker, tmp_path: Path, watcher: Client) -
     watcher.subscribe("edge/busy1/reply/q")
     with running(cfg, watcher, "busy1"):
         for i in range(6):
-            watcher.publish("edge/busy1/request", json.dumps({"text": f"Explain chatter, case {i}.", "id": f"q{i}",
-                                                               "max_tokens": 60}),
+            watcher.publish("edge/busy1/request", json.dumps({"text": f"What causes chatter when milling part {i}?",
+                                                               "id": f"q{i}", "max_tokens": 60}),
                             response_topic="edge/busy1/reply/q")
         replies = [m.json() for m in watcher.wait_for("edge/busy1/reply/q", count=6, timeout=120)]
     by_id = {r["id"]: r for r in replies}
@@ -559,7 +559,7 @@ def test_tls_with_client_certificate(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'device_id = "tls1"\n[model]\ndir = "{DEFAULT_MODEL.parent}"\n[mqtt]\nport = {port}\n'
                    f'tls = true\nca_file = "{certs["ca.crt"]}"\ncert_file = "{certs["client.crt"]}"\n'
-                   f'key_file = "{certs["client.key"]}"\n')
+                   f'key_file = "{certs["client.key"]}"\n[personas.factory.knowledge]\nfallback = "model"\n')
     d = DaemonProcess(cfg).start()
     try:
         while "connected to 127.0.0.1" not in d.text():

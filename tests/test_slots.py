@@ -135,8 +135,9 @@ def test_a_quantization_not_shown_invariant_keeps_one_slot(quantized: dict[str, 
     strict = load_config(None, {"model": {"dir": str(path.parent), "file": path.name}, "mqtt": {"enabled": False},
                                 "profile": {"parallel": 4}})
     assert app.plan(strict).choice.parallel == 1
-    loose = load_config(None, {"model": {"dir": str(path.parent), "file": path.name}, "mqtt": {"enabled": False},
-                               "profile": {"parallel": 4, "determinism": "per-request"}})
+    loose = load_config(None, merge(MODEL_ANSWERS, {"model": {"dir": str(path.parent), "file": path.name},
+                                                    "mqtt": {"enabled": False},
+                                                    "profile": {"parallel": 4, "determinism": "per-request"}}))
     rt = app.load(loose, app.plan(loose))
     try:
         reply = handle(rt, MIX[1])

@@ -194,7 +194,7 @@ def test_sighup_reloads_without_reloading_the_model(broker: Broker, tmp_path: Pa
     watcher.subscribe("edge/hup1/reply/h")
 
     def ask(persona: str, rid: str) -> dict[str, object]:
-        watcher.publish(f"edge/hup1/request/{persona}", json.dumps({"text": "What is QA?", "id": rid,
+        watcher.publish(f"edge/hup1/request/{persona}", json.dumps({"text": "What is takt time?", "id": rid,
                                                                     "max_tokens": 8}),
                         response_topic="edge/hup1/reply/h")
         return dict(watcher.wait_for("edge/hup1/reply/h", lambda m: m.json()["id"] == rid, 60)[0].json())
