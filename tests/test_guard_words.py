@@ -119,12 +119,12 @@ def test_the_documents_sentences_are_on_topic_evidence(tmp_path: Path) -> None:
 
 
 def test_the_classifier_is_cached_beside_the_embeddings(tmp_path: Path) -> None:
+    """The runtime passes the embedding cache's directory (``app.relevance_layers``'s ``cache_dir``)."""
     embedder = WordEmbedder()
-    embedder.cache_path = tmp_path / ".model.embeddings.npz"  # type: ignore[attr-defined]
-    Relevance(CFG, embedder, corpus=CORPUS)
+    Relevance(CFG, embedder, corpus=CORPUS, cache_dir=tmp_path)
     assert len(list(tmp_path.glob(".relevance.*.npz"))) == 1
     embedder.embedded.clear()
-    again = Relevance(CFG, embedder, corpus=CORPUS)
+    again = Relevance(CFG, embedder, corpus=CORPUS, cache_dir=tmp_path)
     assert again.classifier is not None
     assert len([t for t in embedder.embedded if t.startswith("the ")]) == 2  # the persona's on-topic examples only
 

@@ -104,7 +104,8 @@ def build_runtime(config: Config, the_plan: Plan, engine: Engine, embedder: Llam
                                      for name, p in config.personas.items() if p.adapter})
     if embedder is not None:
         step("embedding the guard's examples")
-    relevance = relevance_layers(config, embedder, chooser, knowledge)
+    cache = embedder.cache_path.parent if embedder is not None and embedder.cache_path is not None else None
+    relevance = relevance_layers(config, embedder, chooser, knowledge, cache)
     resources: list[Closable] = [engine]
     if embedder is not None:
         resources.append(embedder)
@@ -116,12 +117,13 @@ def build_runtime(config: Config, the_plan: Plan, engine: Engine, embedder: Llam
 
 
 def relevance_layers(config: Config, embedder: Embedder | None, chooser: Chooser | None,
-                     knowledge: Retriever | None) -> dict[str, Relevance]:
+                     knowledge: Retriever | None, cache_dir: Path | None = None) -> dict[str, Relevance]:
     """Each persona's relevance layer. A persona that answers from the documents learns from their sentences (the
     index's vectors, from the same sentence-embedding model) as on-topic evidence: what they talk about is on
-    topic."""
+    topic. The trained classifiers are cached in ``cache_dir`` (beside the embedding cache; None: not cached)."""
     evidence = knowledge.vectors if knowledge is not None and knowledge.dense else None
-    return {name: Relevance(p.guard, embedder, chooser, evidence=evidence if p.knowledge.enabled else None)
+    return {name: Relevance(p.guard, embedder, chooser, evidence=evidence if p.knowledge.enabled else None,
+                            cache_dir=cache_dir)
             for name, p in config.personas.items()}
 
 

@@ -134,9 +134,6 @@ class Relevance:
             if self.cfg.strictness != "off":
                 corpus = self.corpus if self.corpus is not None else read_corpus() if self.cfg.corpus else []
                 cache = self.cache_dir
-                if cache is None:
-                    embedder_cache = getattr(self.embedder, "cache_path", None)
-                    cache = embedder_cache.parent if isinstance(embedder_cache, Path) else None
                 # The allowed subjects are the persona's own statement of its domain ("takt time", "QA"): on-topic
                 # examples as its questions are, so that the trade's terms are learned as well as its sentences.
                 on_topic = [*self.cfg.on_topic, *self.cfg.allowed_subjects]
