@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from edge_assistant import followup
-from edge_assistant.conversations import Conversations, Turn
+from edge_assistant import followup, pipeline
+from edge_assistant.conversations import Context, Conversations, Turn
 from edge_assistant.guard import ALLOW, Relevance, Verdict
 from edge_assistant.knowledge import Choice, Found
 from edge_assistant.knowledge.answer import THRESHOLD as T
@@ -298,3 +298,17 @@ def test_the_scheduler_keeps_conversations_across_a_runtime_swap() -> None:
         assert scheduler.ask(Request(text="Alone?"), timeout=5).turn is None
     finally:
         scheduler.stop(grace_s=1)
+
+
+def test_a_question_answered_only_with_a_carried_subject_is_judged_by_its_own_words() -> None:
+    """The documents covered the carried subject (alarm 2014's row), not what the question asks: a question that
+    names its own subject is judged alone, as if nothing covered it ("Who won the football last night?" was answered
+    with an alarm row)."""
+    relevance = JudgingRelevance()
+    ctx = Context(turn=2, history=(ALARM_TURN,))
+    carried = followup.Plan("q 2014 alarm", found(ROW_2014), choice(T + 1.0, True), carried=("2014", "alarm"))
+    verdict, leaned = pipeline._relevant(cast(Relevance, relevance), "Who won the cup last night?", True, ctx, carried)
+    assert not verdict.allowed and not leaned and relevance.asked[-1] == ("Who won the cup last night?", False)
+    alone = followup.Plan("q", found(SECTION), choice(T + 1.0, True))  # covered by its own words
+    verdict, _ = pipeline._relevant(cast(Relevance, relevance), "How do I drain the sump?", True, ctx, alone)
+    assert verdict.allowed and relevance.asked[-1] == ("How do I drain the sump?", True)

@@ -356,10 +356,11 @@ def _relevant(relevance: Relevance, text: str, covered: bool, ctx: Context | Non
     own subject, and is judged alone, as a request outside a conversation is ("Who won the football last night?").
     A refused turn is never a context, so it leaves later turns as they were."""
     previous = ctx.previous if ctx is not None else None
+    # Passages found with a carried subject cover that subject, not what this question asks.
+    own = covered and not (plan is not None and bool(plan.carried))
     if previous is None or not followup.refers_back(text):
-        return relevance.check(text, covered=covered), False
-    carried = plan is not None and bool(plan.carried)
-    return relevance.check(f"{previous.subject_question} {text}", covered=covered and not carried), True
+        return relevance.check(text, covered=own), False
+    return relevance.check(f"{previous.subject_question} {text}", covered=own), True
 
 
 def _fits(engine: Generator, messages: list[Message], max_tokens: int) -> bool:
