@@ -169,9 +169,10 @@ class GuardConfig:
     domain: str = ""
     """One sentence describing what the persona talks about."""
     allowed_subjects: tuple[str, ...] = ()
-    """Words that mark a sentence of an answer as on topic, and a request too where no classifier judges requests
-    (``relevance`` ``yesno``) (whole words, case-insensitive). The classifier judges every request whatever words
-    it names: a story about the spindle names one."""
+    """The domain's own terms: on-topic training examples of the relevance classifier (with ``on_topic``); words
+    that mark a sentence of an answer as on topic, and a request too where no classifier judges requests
+    (``relevance`` ``yesno``) (whole words, case-insensitive). Naming one never lets a request through the
+    classifier: a story about the spindle names one."""
     blocked_subjects: tuple[str, ...] = ()
     """Regular expressions; a match in the request or the answer refuses."""
     on_topic: tuple[str, ...] = ()
