@@ -39,7 +39,7 @@ def config_with(model_path: Path, adapter: Path) -> dict[str, object]:
     return {"model": {"dir": str(model_path.parent)}, "mqtt": {"enabled": False},
             "personas": {"tuned": {"system_prompt": load_config(None).personas["factory"].system_prompt,
                                    "adapter": str(adapter), "guard": {"strictness": "off"}},
-                         "factory": {"guard": {"strictness": "off"}}}}
+                         "factory": {"guard": {"strictness": "off"}, "knowledge": {"fallback": "model"}}}}
 
 
 def test_adapter_changes_the_answer_and_switching_back_restores_it(tmp_path: Path, model_path: Path) -> None:
