@@ -152,7 +152,8 @@ def test_request_faults_are_replies(scheduler: Scheduler) -> None:
 def test_context_overflow_is_refused_before_generating(model_path) -> None:  # type: ignore[no-untyped-def]
     config = load_config(None, merge(MODEL_ANSWERS, {"model": {"dir": str(model_path.parent)},
                                                      "profile": {"n_ctx": 256},
-                                                     "personas": {"factory": {"max_input_chars": 100000}}}))
+                                                     "personas": {"factory": {"max_input_chars": 100000,
+                                                                              "guard": {"strictness": "off"}}}}))
     plan = app.plan(config)
     assert plan.choice.n_ctx == 256
     runtime = app.load(config, plan)
@@ -291,7 +292,8 @@ def test_a_reload_never_computes_beside_a_generation(monkeypatch: pytest.MonkeyP
     assert not any(t.is_alive() for t in threads.values())
     assert done["generation"].text == " w w w" and done["generation"].completion_tokens == 3
     examples = config.personas["factory"].guard
-    assert sum(1 for kind, edge, _ in trace.events if kind == "embed" and edge == "in") == (
-        len(examples.on_topic) + len(examples.off_topic))  # the reload embedded every example
+    # the reload embedded the guard's examples (and the classifier's corpus with them), all on its own thread
+    assert sum(1 for kind, edge, _ in trace.events if kind == "embed" and edge == "in") >= (
+        len(examples.on_topic) + len(examples.off_topic))
     assert {thread for kind, _, thread in trace.events if kind == "embed"} == {"reload"}
     assert trace.overlaps() == []

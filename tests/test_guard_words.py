@@ -21,7 +21,7 @@ from fakes import WordEmbedder
 OPERATOR_QUESTIONS = [
     "Ask Dan whether the night shift changed the tool offsets on the lathe.",
     "Dan from maintenance says the chuck pressure is low, what should I check?",
-    "From now on we log the coolant concentration at every shift change; which form do I use?",
+    "From now on we log the coolant concentration at every shift change: on which form?",
     "The supplier sent new instructions for greasing the chuck, where do they go in the binder?",
     "What does the check valve act as when the hydraulic pump stops?",
     "The new rule is that every pallet is checked before loading, who signs it?",

@@ -47,12 +47,11 @@ FOLDS = 5
 """Cross-validation folds for the threshold: row ``i`` is in fold ``i % FOLDS``."""
 FALSE_REFUSALS: Mapping[str, float] = {"low": 0.01, "medium": 0.02, "high": 0.04}
 """Per strictness: the share of the training corpus's on-topic rows (out of fold) that the threshold may refuse."""
-PART_FALSE_REFUSALS: Mapping[str, float] = FALSE_REFUSALS
+PART_FALSE_REFUSALS: Mapping[str, float] = {"low": 0.03, "medium": 0.05, "high": 0.08}
 """Per strictness: the share of the clauses of on-topic rows that join several (out of fold) that the threshold
-for joined tasks may refuse: the same share as for whole requests. A larger share (3/5/8%) caught more appended
-off-topic tasks on the development sets, but refused operators' follow-up clauses ("which form do I use?" after
-"from now on we log the concentration"), which name nothing alone: an operator's question refused is the costlier
-mistake where the whole request is judged as well."""
+for joined tasks may refuse. Larger than for whole requests: a clause that only follows up ("what should it
+read?") names nothing alone, and few requests join tasks at all; at 2% the bar fell below appended off-topic
+tasks on the development sets (chosen there, never on the held-out parts)."""
 MAX_DOCUMENT_UNITS = 2000
 """The documents' sentences taken as on-topic evidence at most (evenly spaced over the index when there are more)."""
 IDENTITY_PROBE = "The quick brown fox jumps over the lazy dog."
