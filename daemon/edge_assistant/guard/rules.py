@@ -1,7 +1,8 @@
 """The guard's rules: pure checks of a request's and an answer's text, with no model.
 
-On the input side, chat-template role markers, injection, extraction and disguise markers, encoded or disguised
-payloads, the persona's languages and its blocked subjects (``check_input``); the splitting of a request into the
+On the input side, signals of a text's form only: chat-template role markers, encoded payloads that decode to
+words, invisible characters, words mixing scripts, the persona's languages and its blocked subjects (``check_input``;
+what a request asks for is the relevance classifier's to judge); the splitting of a request into the
 tasks it joins (``split_request``); on the output side, role markers, blocked subjects and stretches of the system
 prompt (``check_output``). Each check returns a ``Verdict``.
 """
