@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 import wave
 from collections.abc import Iterator, Sequence
@@ -202,12 +203,19 @@ def test_raw_pcm_pipe_input(speech: dict[str, Path], tmp_path: Path) -> None:
     rec = Recognizer(load_vosk_model(model_dir), 16000)
     producer = subprocess.Popen(["cat", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert producer.stdin is not None and producer.stdout is not None
-    producer.stdin.write(audio.tobytes() + bytes(rate * 2))  # the speech, then a second of silence
-    producer.stdin.close()
+    stdin = producer.stdin
+
+    def feed() -> None:  # on its own thread: a pipe holds only so much until the reader below drains it
+        stdin.write(audio.tobytes() + bytes(rate * 2))  # the speech, then a second of silence
+        stdin.close()
+
+    feeder = threading.Thread(target=feed, name="pcm-feeder")
+    feeder.start()
     text = ""
     for pcm in PipeSource(producer.stdout, rate).chunks():
         text += rec.feed(pcm)[1]
     text += rec.flush()
+    feeder.join(10)
     producer.wait(10)
     assert HANGUL.search(text), text
 
