@@ -553,12 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="ask a running daemon over MQTT and stream the answer")
     p.add_argument("text")
-    p.add_argument("--persona")
-    p.add_argument("--device", help="device id of the daemon (default: this host's)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--timeout", type=float, default=120.0)
+    _client_options(p)
     p.add_argument("--conversation", help="continue this conversation (1 to 64 characters of your choice)")
     p.add_argument("--forget", action="store_true", help="end the --conversation before asking")
     p.add_argument("--json", action="store_true", help="print the whole reply as JSON")
@@ -567,12 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="talk with a running daemon over MQTT: one conversation, answers streamed "
                                     "with their sources; /forget, /bye")
     p.add_argument("--conversation", help="the conversation's name (default: a new one)")
-    p.add_argument("--persona")
-    p.add_argument("--device", help="device id of the daemon (default: this host's)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--timeout", type=float, default=120.0)
+    _client_options(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("listen", help="voice from a WAV file: recognize, answer, speak into a WAV file")
@@ -611,6 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that talk to a running daemon over MQTT (``ask``, ``chat``)."""
+    p.add_argument("--persona")
+    p.add_argument("--device", help="device id of the daemon (default: this host's)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--timeout", type=float, default=120.0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
